@@ -1,0 +1,35 @@
+"""synthprune: sparse feedforward networks whose wiring evolves while they learn.
+
+Strategic synthesis and pruning (Finlinson & Moschoyiannis 2020) beside SET, RigL and dense
+baselines, on PyTorch. The public API::
+
+    model = synthprune.SparseMLP([784, 1000, 1000, 1000, 10], epsilon=20, backend="csr")
+    rewirer = synthprune.Rewirer(model, optimizer, prune="set", grow="synthesis", zeta=0.3)
+    ...  # train; after each epoch:
+    rewirer.step()
+"""
+
+from synthprune.layers import BACKENDS, CSRLinear, MaskedLinear, SparseLinear
+from synthprune.models import SparseMLP, sparse_layers, sparsify
+from synthprune.rewiring import LayerReport, Rewirer
+from synthprune.strategies import list_strategies, register_grow, register_prune
+from synthprune.topology import TopologyError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "CSRLinear",
+    "LayerReport",
+    "MaskedLinear",
+    "Rewirer",
+    "SparseLinear",
+    "SparseMLP",
+    "TopologyError",
+    "__version__",
+    "list_strategies",
+    "register_grow",
+    "register_prune",
+    "sparse_layers",
+    "sparsify",
+]

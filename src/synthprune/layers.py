@@ -1,0 +1,373 @@
+"""``SparseLinear``: a linear layer with a sparse, rewirable set of connections.
+
+Two backends behind one interface (pick with ``backend=``):
+
+* ``"csr"`` (:class:`CSRLinear`) -- truly sparse. The connection values are the trainable
+  Parameter ``values`` ``[nnz]``; ``crow_indices`` ``[n_out + 1]`` and ``col_indices``
+  ``[nnz]`` are persistent buffers. Forward is a CSR × dense product; backward uses a cached
+  transpose for the input gradient and a sampled product (SDDMM) for the value gradient, so no
+  ``n_out × n_in`` tensor is ever formed. The CPU default.
+* ``"masked"`` (:class:`MaskedLinear`) -- a dense ``weight`` and a persistent boolean ``mask``;
+  absent weights are held at exactly 0. Simple and GPU-friendly.
+
+Both store the topology in ``state_dict()``, so loading a state dict alone restores the exact
+wiring (even when its number of connections differs from the layer's current one). Both list
+their connections in the same canonical order -- sorted keys ``row * n_in + col`` -- so the
+same seed gives the same topology, values and gradients on either backend.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from synthprune.topology import TopologyError, check_topology, er_count, keys_to_edge_index, random_keys, uniform_count
+
+__all__ = ["BACKENDS", "INITS", "CSRLinear", "MaskedLinear", "SparseLinear"]
+
+BACKENDS = ("csr", "masked")
+INITS = ("sparse_kaiming", "dense_default")
+
+# PyTorch marks CSR as beta and says so once per process; it is what this backend is built on.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    return backend
+
+
+def resolve_count(
+    n_in: int, n_out: int, epsilon: float | None, density: float | None, connections: int | None
+) -> int:
+    """Number of connections from at most one of ε (Erdős–Rényi), density or an exact count;
+    ε = 20 when none is given."""
+    options = (("epsilon", epsilon), ("density", density), ("connections", connections))
+    given = [name for name, value in options if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"give at most one of epsilon, density, connections; got {', '.join(given)}")
+    if density is not None:
+        return uniform_count(n_in, n_out, density)
+    if connections is not None:
+        if not 1 <= connections <= n_in * n_out:
+            raise ValueError(
+                f"connections must be in [1, {n_in * n_out}] for a {n_out}x{n_in} layer, got {connections}"
+            )
+        return int(connections)
+    return er_count(n_in, n_out, 20.0 if epsilon is None else epsilon)
+
+
+def initial_values(
+    init: str, count: int, n_in: int, n_out: int, generator: torch.Generator | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial connection values ``[count]`` and bias ``[n_out]`` (on CPU).
+
+    ``"sparse_kaiming"``: He-normal with the layer's *actual* mean in-degree ``count / n_out``
+    as fan-in, bias 0 -- with the dense fan-in a 4%-dense layer's signal nearly vanishes.
+    ``"dense_default"``: PyTorch's ``nn.Linear`` default, ``U(±1/√n_in)`` for weights and bias.
+    """
+    if init == "sparse_kaiming":
+        fan_in = max(1.0, count / n_out)
+        values = torch.randn(count, generator=generator, dtype=dtype) * math.sqrt(2.0 / fan_in)
+        return values, torch.zeros(n_out, dtype=dtype)
+    if init == "dense_default":
+        bound = 1.0 / math.sqrt(n_in)
+        values = torch.empty(count, dtype=dtype).uniform_(-bound, bound, generator=generator)
+        return values, torch.empty(n_out, dtype=dtype).uniform_(-bound, bound, generator=generator)
+    raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
+
+
+class SparseLinear(nn.Module):
+    """``y = x Wᵀ + b`` with a sparse ``W`` of shape ``[out_features, in_features]``.
+
+    ``SparseLinear(784, 1000, epsilon=20, backend="csr")`` returns the backend's subclass. The
+    initial topology is uniformly random with an exact connection count, from one of
+    ``epsilon`` (Erdős–Rényi, ``ε·(n_in+n_out)``; the default, ε = 20), ``density`` or
+    ``connections``. Inputs are ``[..., in_features]``, outputs ``[..., out_features]``.
+
+    Invariants (checked by :meth:`check`): ``keys()`` is sorted, unique and in range; the
+    values line up with it; on ``masked`` every weight outside the mask is exactly 0.
+    """
+
+    backend: str = ""
+
+    def __new__(cls, *args, backend: str = "csr", **kwargs):
+        if cls is SparseLinear:
+            cls = {"csr": CSRLinear, "masked": MaskedLinear}[check_backend(backend)]
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        epsilon: float | None = None,
+        density: float | None = None,
+        connections: int | None = None,
+        bias: bool = True,
+        backend: str | None = None,
+        init: str = "sparse_kaiming",
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if backend is not None and check_backend(backend) != self.backend:
+            raise ValueError(f"{type(self).__name__} is the {self.backend!r} backend, not {backend!r}")
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"layer sizes must be >= 1, got in={in_features}, out={out_features}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        dtype = dtype or torch.get_default_dtype()
+        count = resolve_count(in_features, out_features, epsilon, density, connections)
+        keys = random_keys(in_features * out_features, count, generator or torch.default_generator)
+        values, bias_values = initial_values(init, count, in_features, out_features, generator, dtype)
+        self.bias = nn.Parameter(bias_values.to(device)) if bias else None
+        self._allocate(keys.to(device), values.to(device))
+
+    # ---- shared interface -------------------------------------------------------------
+
+    @property
+    def nnz(self) -> int:
+        """Number of connections."""
+        return int(self.connection_values().numel())
+
+    @property
+    def density(self) -> float:
+        return self.nnz / (self.in_features * self.out_features)
+
+    def edge_index(self) -> torch.Tensor:
+        """``LongTensor[2, nnz]``: row 0 output neuron, row 1 input neuron, sorted row-major."""
+        return keys_to_edge_index(self.keys(), self.in_features)
+
+    def check(self) -> None:
+        """Raise :class:`~synthprune.topology.TopologyError` if an invariant is broken."""
+        check_topology(self.keys(), self.out_features, self.in_features)
+
+    def to_backend(self, backend: str) -> SparseLinear:
+        """A copy of this layer (same topology, values, bias, device) on another backend."""
+        layer = SparseLinear(
+            self.in_features, self.out_features, connections=1, bias=self.bias is not None,
+            backend=backend, generator=torch.Generator(), device=self.connection_values().device,
+            dtype=self.connection_values().dtype,
+        )
+        with torch.no_grad():
+            layer.set_connections(self.keys(), self.connection_values().detach().clone())
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` with the same function (absent connections are 0)."""
+        values = self.connection_values()
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                          device=values.device, dtype=values.dtype)
+        with torch.no_grad():
+            dense.weight.zero_().view(-1)[self.keys()] = values
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"nnz={self.nnz}, density={self.density:.2%}, bias={self.bias is not None}")
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__} expects inputs [..., {self.in_features}], "
+                             f"got shape {tuple(x.shape)}")
+
+    # ---- per backend ------------------------------------------------------------------
+
+    def _allocate(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def keys(self) -> torch.Tensor:
+        """``LongTensor[nnz]``: sorted connection keys ``row * in_features + col``."""
+        raise NotImplementedError
+
+    def connection_values(self) -> torch.Tensor:
+        """``[nnz]`` connection weights in key order (a view for csr, a gather for masked)."""
+        raise NotImplementedError
+
+    def connection_parameter(self) -> nn.Parameter:
+        """The Parameter that holds the connection weights (its optimizer state is rewired)."""
+        raise NotImplementedError
+
+    def set_connections(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace the topology: ``keys`` sorted unique ``[nnz']``, ``values`` ``[nnz']``.
+
+        The connection Parameter keeps its identity (the optimizer still holds it); its data
+        is replaced."""
+        raise NotImplementedError
+
+    def carry_over(self, old: torch.Tensor, kept_old: torch.Tensor, kept_new: torch.Tensor) -> torch.Tensor:
+        """Map a Parameter-shaped tensor (e.g. momentum) from the previous topology to the
+        current one: entries of surviving connections move from position ``kept_old`` to
+        ``kept_new`` (positions in key order); every other entry is 0."""
+        raise NotImplementedError
+
+    def _validate(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        if values.shape != keys.shape:
+            raise ValueError(f"values {tuple(values.shape)} must match keys {tuple(keys.shape)}")
+        check_topology(keys, self.out_features, self.in_features)
+
+
+class _CSRLinearFunction(torch.autograd.Function):
+    """``y = x Wᵀ`` with ``W`` given as CSR parts; gradients for ``x`` and the values only."""
+
+    @staticmethod
+    def forward(ctx, x, values, crow, col, t_crow, t_col, t_perm, n_out, n_in):
+        weight = torch.sparse_csr_tensor(crow, col, values, (n_out, n_in), check_invariants=False)
+        ctx.save_for_backward(x, values, crow, col, t_crow, t_col, t_perm)
+        ctx.shape = (n_out, n_in)
+        return torch.sparse.mm(weight, x.t()).t()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, values, crow, col, t_crow, t_col, t_perm = ctx.saved_tensors
+        n_out, n_in = ctx.shape
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:  # dL/dx = dL/dy · W, via the cached transpose Wᵀ in CSR
+            weight_t = torch.sparse_csr_tensor(t_crow, t_col, values[t_perm], (n_in, n_out), check_invariants=False)
+            grad_x = torch.sparse.mm(weight_t, grad_out.t()).t()
+        if ctx.needs_input_grad[1]:  # dL/dW only at the connections: (dL/dyᵀ · x) sampled
+            pattern = torch.sparse_csr_tensor(crow, col, values.detach(), (n_out, n_in), check_invariants=False)
+            grad_values = torch.sparse.sampled_addmm(pattern, grad_out.t(), x, beta=0.0).values()
+        return grad_x, grad_values, None, None, None, None, None, None, None
+
+
+class CSRLinear(SparseLinear):
+    """Truly sparse backend: memory and time scale with ``nnz``, never with ``n_out · n_in``."""
+
+    backend = "csr"
+
+    def _allocate(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.values = nn.Parameter(values)
+        self.register_buffer("crow_indices", torch.zeros(self.out_features + 1, dtype=torch.long, device=keys.device))
+        self.register_buffer("col_indices", keys % self.in_features)
+        # Derived index structures: rebuilt only when the topology changes, not per step.
+        for name in ("_rows", "_t_crow", "_t_col", "_t_perm"):
+            self.register_buffer(name, torch.empty(0, dtype=torch.long, device=keys.device), persistent=False)
+        self._index_from_keys(keys)
+
+    def _index_from_keys(self, keys: torch.Tensor) -> None:
+        rows, cols = keys // self.in_features, keys % self.in_features
+        self.crow_indices = _crow_from_sorted_rows(rows, self.out_features)
+        self.col_indices = cols
+        self._rebuild_cache(rows)
+
+    def _rebuild_cache(self, rows: torch.Tensor | None = None) -> None:
+        if rows is None:
+            counts = self.crow_indices.diff()
+            rows = torch.repeat_interleave(torch.arange(self.out_features, device=counts.device), counts)
+        self._rows = rows
+        # The transpose Wᵀ (CSC order of W): permutation from CSR order, and its CSR indices.
+        self._t_perm = torch.argsort(self.col_indices * self.out_features + rows)
+        self._t_col = rows[self._t_perm]
+        self._t_crow = _crow_from_sorted_rows(self.col_indices[self._t_perm], self.in_features)
+
+    def keys(self) -> torch.Tensor:
+        return self._rows * self.in_features + self.col_indices
+
+    def connection_values(self) -> torch.Tensor:
+        return self.values
+
+    def connection_parameter(self) -> nn.Parameter:
+        return self.values
+
+    def set_connections(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        device = self.values.device
+        keys, values = keys.to(device), values.to(device, self.values.dtype)
+        self._validate(keys, values)
+        self.values.data = values
+        self._index_from_keys(keys)
+
+    def carry_over(self, old: torch.Tensor, kept_old: torch.Tensor, kept_new: torch.Tensor) -> torch.Tensor:
+        new = old.new_zeros(self.nnz)
+        new[kept_new.to(old.device)] = old[kept_old.to(old.device)]
+        return new
+
+    def check(self) -> None:
+        super().check()
+        crow = self.crow_indices
+        if crow.numel() != self.out_features + 1 or int(crow[0]) != 0 or int(crow[-1]) != self.nnz:
+            raise TopologyError("csr row pointers do not match the number of connections")
+        if self.col_indices.numel() != self.nnz:
+            raise TopologyError("csr column indices do not match the number of connections")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        flat = x.reshape(-1, self.in_features)
+        y = _CSRLinearFunction.apply(
+            flat, self.values, self.crow_indices, self.col_indices,
+            self._t_crow, self._t_col, self._t_perm, self.out_features, self.in_features,
+        )
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The stored topology may have a different nnz: resize before PyTorch copies into place.
+        values, cols = state_dict.get(prefix + "values"), state_dict.get(prefix + "col_indices")
+        if values is not None and values.shape != self.values.shape:
+            self.values.data = self.values.data.new_empty(values.shape)
+        if cols is not None and cols.shape != self.col_indices.shape:
+            self.col_indices = self.col_indices.new_empty(cols.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._rebuild_cache()
+
+
+class MaskedLinear(SparseLinear):
+    """Dense weight × boolean mask. Absent weights are kept at exactly 0."""
+
+    backend = "masked"
+
+    def _allocate(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        shape = (self.out_features, self.in_features)
+        self.weight = nn.Parameter(values.new_zeros(shape))
+        self.register_buffer("mask", torch.zeros(shape, dtype=torch.bool, device=keys.device))
+        with torch.no_grad():
+            self.set_connections(keys, values)
+
+    def keys(self) -> torch.Tensor:
+        return self.mask.view(-1).nonzero().squeeze(1)
+
+    def connection_values(self) -> torch.Tensor:
+        return self.weight.view(-1)[self.keys()]
+
+    def connection_parameter(self) -> nn.Parameter:
+        return self.weight
+
+    def set_connections(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        device = self.weight.device
+        keys, values = keys.to(device), values.to(device, self.weight.dtype)
+        self._validate(keys, values)
+        self.mask.zero_().view(-1)[keys] = True
+        self.weight.data.zero_().view(-1)[keys] = values
+
+    def carry_over(self, old: torch.Tensor, kept_old: torch.Tensor, kept_new: torch.Tensor) -> torch.Tensor:
+        flat = self.keys()[kept_new.to(old.device)]
+        new = torch.zeros_like(old)
+        new.view(-1)[flat] = old.view(-1)[flat]
+        return new
+
+    def check(self) -> None:
+        super().check()
+        if bool((self.weight.detach()[~self.mask] != 0).any()):
+            raise TopologyError("masked layer has non-zero weights outside its mask")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
+def _crow_from_sorted_rows(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """CSR row pointers ``[n_rows + 1]`` from the (sorted) row index of each connection."""
+    crow = torch.zeros(n_rows + 1, dtype=torch.long, device=rows.device)
+    crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
+    return crow

@@ -1,0 +1,196 @@
+"""Building sparse models: :class:`SparseMLP`, :func:`sparsify` for a user's own model, and
+:func:`sparse_layers` to find the sparse layers in any module tree."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from itertools import pairwise
+
+import torch
+from torch import nn
+
+from synthprune.layers import SparseLinear, check_backend, initial_values
+from synthprune.topology import er_count, erk_counts, uniform_count
+
+__all__ = ["ACTIVATIONS", "DISTRIBUTIONS", "SparseMLP", "sparse_layers", "sparsify"]
+
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "elu": nn.ELU,
+    "leaky_relu": nn.LeakyReLU,
+}
+DISTRIBUTIONS = ("er", "uniform", "erk")
+
+
+def sparse_layers(model: nn.Module) -> list[tuple[str, SparseLinear]]:
+    """``[(name, layer)]`` for every :class:`SparseLinear` in ``model``, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, SparseLinear)]
+
+
+def layer_counts(
+    shapes: Sequence[tuple[int, int]],
+    epsilon: float | None,
+    density: float | None,
+    distribution: str | None,
+) -> list[int]:
+    """Connections per layer (``shapes`` holds ``(n_in, n_out)``) for a distribution:
+    ``er`` (ε per layer, the default with ``epsilon``), ``uniform`` (the same density everywhere,
+    the default with ``density``) or ``erk`` (RigL's allocation of a global ``density``)."""
+    if (epsilon is None) == (density is None):
+        raise ValueError("give exactly one of epsilon (Erdős–Rényi) or density")
+    distribution = distribution or ("er" if epsilon is not None else "uniform")
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {distribution!r}; valid: {', '.join(DISTRIBUTIONS)}")
+    if distribution == "er":
+        if epsilon is None:
+            raise ValueError("distribution 'er' needs epsilon, not density")
+        return [er_count(n_in, n_out, epsilon) for n_in, n_out in shapes]
+    if density is None:
+        raise ValueError(f"distribution {distribution!r} needs density, not epsilon")
+    if distribution == "uniform":
+        return [uniform_count(n_in, n_out, density) for n_in, n_out in shapes]
+    return erk_counts(shapes, density)
+
+
+def _make_layer(
+    n_in: int,
+    n_out: int,
+    count: int,
+    backend: str,
+    init: str,
+    generator: torch.Generator | None,
+    bias: bool = True,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """A SparseLinear with ``count`` connections, or an ``nn.Linear`` when ``count`` is the full
+    ``n_in·n_out`` (a layer whose density comes out ≥ 1 stays dense). Same init either way."""
+    if count < n_in * n_out:
+        return SparseLinear(n_in, n_out, connections=count, backend=backend, init=init, bias=bias,
+                            generator=generator, device=device, dtype=dtype)
+    dense = nn.Linear(n_in, n_out, bias=bias, device=device, dtype=dtype)
+    values, bias_values = initial_values(init, count, n_in, n_out, generator, dense.weight.dtype)
+    with torch.no_grad():
+        dense.weight.copy_(values.view(n_out, n_in))
+        if bias:
+            dense.bias.copy_(bias_values)
+    return dense
+
+
+class SparseMLP(nn.Sequential):
+    """A multilayer perceptron with sparse hidden layers.
+
+    ``SparseMLP([784, 1000, 1000, 1000, 10], epsilon=20)`` builds ``flatten``, then ``fc1..fcN``
+    with ``act`` and (if ``dropout > 0``) ``drop`` after every layer but the last. Inputs
+    ``[batch, ...]`` are flattened to ``[batch, sizes[0]]``; outputs are ``[batch, sizes[-1]]``
+    logits. With ``dense_output`` the last layer is an ordinary ``nn.Linear``; any layer whose
+    count reaches ``n_in·n_out`` is dense too. ``seed`` makes topology and weights reproducible
+    without touching the global RNG.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        *,
+        epsilon: float | None = 20.0,
+        density: float | None = None,
+        distribution: str | None = None,
+        backend: str = "csr",
+        activation: str = "relu",
+        dropout: float = 0.0,
+        dense_output: bool = True,
+        init: str = "sparse_kaiming",
+        seed: int | None = None,
+    ) -> None:
+        sizes = [int(s) for s in sizes]
+        if len(sizes) < 2 or min(sizes) < 1:
+            raise ValueError(f"sizes must list >= 2 positive layer widths, got {sizes}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        check_backend(backend)
+        if density is not None:
+            epsilon = None
+        shapes = list(pairwise(sizes))
+        n_sparse = len(shapes) - 1 if dense_output else len(shapes)
+        counts = layer_counts(shapes[:n_sparse], epsilon, density, distribution) if n_sparse else []
+        counts += [n_in * n_out for n_in, n_out in shapes[n_sparse:]]
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+        modules: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+        for i, ((n_in, n_out), count) in enumerate(zip(shapes, counts, strict=True), start=1):
+            modules[f"fc{i}"] = _make_layer(n_in, n_out, count, backend, init, generator)
+            if i < len(shapes):
+                modules[f"act{i}"] = ACTIVATIONS[activation]()
+                if dropout > 0:
+                    modules[f"drop{i}"] = nn.Dropout(dropout)
+        super().__init__(modules)
+        self.sizes = sizes
+
+
+def sparsify(
+    model: nn.Module,
+    *,
+    epsilon: float | None = None,
+    density: float | None = None,
+    distribution: str | None = None,
+    backend: str = "csr",
+    exclude: Iterable[str] = (),
+    init: str = "sparse_kaiming",
+    seed: int | None = None,
+) -> nn.Module:
+    """Replace the ``nn.Linear`` layers of ``model`` (in place) by :class:`SparseLinear` layers.
+
+    Give ``epsilon`` (Erdős–Rényi per layer) or ``density`` (``distribution="uniform"`` or
+    ``"erk"``). ``exclude`` names linear layers to leave dense (e.g. the classifier head); a
+    layer whose count reaches its full size stays dense. ``init="keep"`` keeps the existing
+    weights at the sampled connections (e.g. for a pretrained model); otherwise ``init`` is one
+    of :data:`synthprune.layers.INITS`. Returns ``model`` (or the replacement when ``model``
+    itself is an ``nn.Linear``).
+    """
+    check_backend(backend)
+    exclude = set(exclude)
+    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    unknown = exclude - {name for name, _ in linears}
+    if unknown:
+        raise ValueError(f"exclude names no linear layer: {sorted(unknown)}; "
+                         f"linear layers: {[name for name, _ in linears]}")
+    targets = [(name, m) for name, m in linears if name not in exclude]
+    if not targets:
+        return model
+    counts = layer_counts([(m.in_features, m.out_features) for _, m in targets], epsilon, density, distribution)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    for (name, linear), count in zip(targets, counts, strict=True):
+        if count >= linear.in_features * linear.out_features:
+            continue  # density ≥ 1: stays dense
+        replacement = _sparse_from_linear(linear, count, backend, init, generator)
+        if name == "":
+            return replacement
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, replacement)
+    return model
+
+
+def _sparse_from_linear(
+    linear: nn.Linear, count: int, backend: str, init: str, generator: torch.Generator | None
+) -> SparseLinear:
+    weight = linear.weight
+    layer = SparseLinear(
+        linear.in_features, linear.out_features, connections=count, bias=linear.bias is not None,
+        backend=backend, init="sparse_kaiming" if init == "keep" else init, generator=generator,
+        device=weight.device, dtype=weight.dtype,
+    )
+    if init == "keep":
+        with torch.no_grad():
+            keys = layer.keys()
+            layer.set_connections(keys, weight.detach().reshape(-1)[keys].clone())
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+    return layer
+
