@@ -30,6 +30,7 @@ __all__ = [
     "grow_options",
     "input_strength",
     "list_strategies",
+    "output_strength",
     "register_grow",
     "register_prune",
 ]
@@ -179,7 +180,7 @@ def input_strength(ctx: GrowContext) -> torch.Tensor:
     return torch.zeros(ctx.n_in, dtype=ctx.values.dtype).index_add_(0, ctx.cols, ctx.values.abs())
 
 
-def _output_strength(ctx: GrowContext) -> torch.Tensor:
+def output_strength(ctx: GrowContext) -> torch.Tensor:
     """``t_j = Σ_i |w_ji|`` for each output-side neuron j: ``[n_out]``."""
     return torch.zeros(ctx.n_out, dtype=ctx.values.dtype).index_add_(0, ctx.rows, ctx.values.abs())
 
@@ -210,7 +211,7 @@ def grow_synthesis(
     """
     if endpoint not in ("cdf", "tail"):
         raise ValueError(f"unknown endpoint {endpoint!r}; valid: cdf, tail")
-    s, t = input_strength(ctx), _output_strength(ctx)
+    s, t = input_strength(ctx), output_strength(ctx)
     start_mask = zscore(s) >= kappa_start
     start_p = torch.where(start_mask, s, torch.zeros_like(s))
     if not float(start_p.sum()) > 0:  # no strength information yet (e.g. all weights zero)
