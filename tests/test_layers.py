@@ -198,3 +198,14 @@ def test_sparsify_errors():
         sparsify(model)
     with pytest.raises(ValueError, match="unknown distribution"):
         sparsify(model, density=0.5, distribution="normal")
+
+
+def test_deepcopy_and_pickle_keep_the_layer(backend):
+    import copy
+    import pickle
+
+    model = SparseMLP([10, 12, 3], epsilon=2, backend=backend, seed=0)
+    x = torch.randn(4, 10)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert type(clone.fc1) is type(model.fc1)
+        torch.testing.assert_close(clone(x), model(x))

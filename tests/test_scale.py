@@ -31,9 +31,10 @@ SCRIPT = textwrap.dedent(
         model(x).square().mean().backward()
         optimizer.step()
     out["train_peak"] = peak_bytes() - baseline
-    for grow in ("random", "synthesis"):
+    batch = (x.detach()[:32], torch.randint(0, 20_000, (32,)))  # RigL: dense gradient in row chunks
+    for grow in ("random", "synthesis", "gradient"):
         t0 = time.perf_counter()
-        report = Rewirer(model, optimizer, grow=grow).step()[0]
+        report = Rewirer(model, optimizer, grow=grow, loss_fn=torch.nn.functional.cross_entropy).step(batch)[0]
         out[grow] = {"grown": report.grown, "nnz": layer.nnz, "seconds": time.perf_counter() - t0}
     out["peak"] = peak_bytes() - baseline
     print(json.dumps(out))
@@ -47,7 +48,7 @@ def test_20k_layer_trains_and_rewires_without_dense_memory():
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     print(figures)
     assert figures["nnz"] == 20 * 40_000
-    for grow in ("random", "synthesis"):
+    for grow in ("random", "synthesis", "gradient"):
         assert figures[grow]["grown"] == round(0.3 * 800_000) and figures[grow]["nnz"] == 800_000
     # "far below" one dense matrix: under a quarter of it, for everything together
     assert figures["peak"] < DENSE_BYTES / 4, figures

@@ -228,6 +228,8 @@ def top_gradient_slots(
         existing: sorted keys of existing connections (CPU); they are never returned.
     """
     n_in, n_out = inputs.shape[1], grad_outputs.shape[1]
+    if count <= 0:
+        return torch.empty(0, dtype=_LONG)
     existing_dev = existing.to(inputs.device)
     rows_per_chunk = max(1, max_chunk_elements // max(1, n_in))
     best_scores = torch.empty(0, device=inputs.device, dtype=inputs.dtype)
@@ -237,9 +239,15 @@ def top_gradient_slots(
         scores = (grad_outputs[:, r0:r1].t() @ inputs).abs_().reshape(-1)
         lo, hi = torch.searchsorted(existing_dev, torch.tensor([r0 * n_in, r1 * n_in], device=inputs.device))
         scores[existing_dev[lo:hi] - r0 * n_in] = -1.0  # |grad| >= 0, so existing slots lose
-        top = torch.topk(scores, min(count, scores.numel()))
-        best_scores = torch.cat([best_scores, top.values])
-        best_keys = torch.cat([best_keys, top.indices + r0 * n_in])
+        if best_scores.numel() == count:
+            # Only entries beating the current count-th best can enter: filter before top-k,
+            # which keeps later chunks cheap when count is large.
+            keys = (scores > best_scores.min()).nonzero().squeeze(1)
+            top_values, top_indices = scores[keys], keys
+        else:
+            top_values, top_indices = torch.topk(scores, min(count, scores.numel()))
+        best_scores = torch.cat([best_scores, top_values])
+        best_keys = torch.cat([best_keys, top_indices + r0 * n_in])
         if best_scores.numel() > count:
             keep = torch.topk(best_scores, count).indices
             best_scores, best_keys = best_scores[keep], best_keys[keep]
