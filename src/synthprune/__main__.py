@@ -1,0 +1,5 @@
+"""``python -m synthprune``: the command line."""
+
+from synthprune.cli import run
+
+run()

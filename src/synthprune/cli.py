@@ -1,0 +1,182 @@
+"""The ``synthprune`` command line (typer): train, plot, list.
+
+Bad input (unknown preset, bad values, unwritable --out, missing data) exits with code 2 and
+one line on stderr, never a traceback. An interrupted run exits 130 and resumes with --resume.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from synthprune.config import PRESETS, TRAIN_BACKENDS, load_config
+from synthprune.data import DATASETS
+from synthprune.strategies import grow_options, list_strategies
+
+# Typer >= 0.2x raises its own (vendored click) exceptions; older ones raise click's.
+CLI_ERRORS: tuple[type[Exception], ...] = (typer.TyperException,)
+try:
+    import click
+
+    CLI_ERRORS += (click.ClickException,)
+except ImportError:  # pragma: no cover - depends on the typer version
+    pass
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Train sparse MLPs whose wiring evolves (strategic synthesis, SET, RigL) and inspect the runs.",
+)
+console = Console(stderr=False)
+
+
+class EpochBar:
+    """A rich progress bar for one epoch: loss and accuracy so far."""
+
+    def __init__(self, total: int, epoch: int, epochs: int) -> None:
+        self.progress = Progress(
+            TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.1%}"), TimeElapsedColumn(),
+            transient=True, console=console,
+        )
+        self.task = self.progress.add_task("train", total=total, loss=float("nan"), acc=0.0)
+
+    def __enter__(self) -> EpochBar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def advance(self, loss: float, accuracy: float) -> None:
+        self.progress.update(self.task, advance=1, loss=loss, acc=accuracy)
+
+
+def summary_table(title: str, summary: dict) -> Table:
+    dense = summary["dense_weights"]
+    table = Table(title=title, caption=f"compression vs the dense network's {dense:,} weights")
+    for column in ("test acc", "best acc", "connections", "density", "compression", "s/epoch"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        f"{100 * summary['final_test_accuracy']:.2f}%", f"{100 * summary['best_test_accuracy']:.2f}%",
+        f"{summary['connections']:,}", f"{100 * summary['density']:.2f}%",
+        f"{dense / summary['connections']:.1f}x", f"{summary['seconds_per_epoch']:.2f}",
+    )
+    return table
+
+
+@app.command()
+def train(
+    preset: Annotated[str, typer.Option(help=f"Starting configuration: {', '.join(PRESETS)}.")] = "fmnist-mlp",
+    config: Annotated[Path | None, typer.Option(help="YAML file of settings on top of the preset.")] = None,
+    grow: Annotated[str | None, typer.Option(help="Grow strategy: " + ", ".join(list_strategies()["grow"])
+                                             + " (none = static sparse).")] = None,
+    prune: Annotated[str | None, typer.Option(help="Prune criterion: " + ", ".join(list_strategies()["prune"])
+                                              + ".")] = None,
+    epsilon: Annotated[float | None, typer.Option(help="Erdős–Rényi ε: ε·(n_in+n_out) connections per layer.")] = None,
+    zeta: Annotated[float | None, typer.Option(help="Fraction rewired after each epoch, in (0, 1).")] = None,
+    zeta_schedule: Annotated[str | None, typer.Option(help="constant or cosine.")] = None,
+    endpoint: Annotated[str | None, typer.Option(help="Synthesis endpoint rule: cdf or tail.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Mini-batch size.")] = None,
+    lr: Annotated[float | None, typer.Option(help="SGD learning rate.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for model, data order, dropout and rewiring.")] = None,
+    backend: Annotated[str | None, typer.Option(help=f"{', '.join(TRAIN_BACKENDS)} (dense = dense baseline).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or mps.")] = None,
+    limit_train: Annotated[int | None, typer.Option(help="Train on the first N examples only.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Folder with the Fashion-MNIST IDX files.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<preset>-<grow>-s<seed>).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar or per-epoch lines.")] = False,
+    plots: Annotated[bool, typer.Option(help="Write figures into <run>/figures at the end.")] = True,
+) -> None:
+    """Train one model into a run directory: config.yaml, metrics.csv, topology.jsonl,
+    checkpoint.pt, final/ and figures/."""
+    from synthprune.train import fit  # keeps `synthprune --help` fast
+
+    settings = load_config(
+        preset, config, grow=grow, prune=prune, epsilon=epsilon, zeta=zeta, zeta_schedule=zeta_schedule,
+        endpoint=endpoint, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, backend=backend,
+        device=device, limit_train=limit_train, data_dir=str(data_dir) if data_dir else None,
+    )
+    if out is None:
+        if resume:
+            raise ValueError("--resume needs --out, the run directory to continue")
+        out = Path("runs") / f"{preset}-{settings.grow if settings.sparse else 'dense'}-s{settings.seed}"
+    show_bar = not quiet and console.is_terminal
+    progress = (lambda total, epoch: EpochBar(total, epoch, settings.epochs)) if show_bar else None
+    log = (lambda line: None) if quiet else (lambda line: console.print(line, highlight=False, soft_wrap=True))
+    try:
+        summary = fit(settings, out, resume=resume, progress=progress, log=log)
+    except KeyboardInterrupt:
+        print(f"interrupted: finished epochs are checkpointed; continue with: synthprune train --resume --out {out}",
+              file=sys.stderr)
+        raise typer.Exit(130) from None
+    if plots:
+        from synthprune.plots import plot_runs
+
+        plot_runs([out], Path(out) / "figures")
+    console.print(summary_table(f"{out}", summary))
+
+
+@app.command()
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="One or more run directories.")],
+    out: Annotated[Path | None, typer.Option(help="Folder for the PNGs (default: <run>/figures for one "
+                                                  "run, ./figures for several).")] = None,
+) -> None:
+    """Figures from run directories: test accuracy and connections per layer vs epoch (runs
+    overlaid) and each run's input-layer connectivity as an image."""
+    from synthprune.plots import plot_runs
+
+    target = out or (runs[0] / "figures" if len(runs) == 1 else Path("figures"))
+    for path in plot_runs(runs, target):
+        console.print(f"wrote {path}")
+
+
+@app.command(name="list")
+def list_things() -> None:
+    """Presets, datasets, backends and strategies (with their options)."""
+    strategies = list_strategies()
+    console.print(f"presets:    {', '.join(PRESETS)}")
+    console.print(f"datasets:   {', '.join(DATASETS)}")
+    console.print(f"backends:   {', '.join(TRAIN_BACKENDS)}")
+    console.print(f"prune:      {', '.join(strategies['prune'])}")
+    for name in strategies["grow"]:
+        options = ", ".join(f"{k}={v!r}" for k, v in grow_options(name).items())
+        console.print(f"grow:       {name}" + (f"  ({options})" if options else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code. Errors in what the user gave are one line, code 2."""
+    from synthprune.train import TrainingError
+
+    command = typer.main.get_command(app)
+    try:
+        # Non-standalone mode returns an exit code (from --help, typer.Exit) or the command's value.
+        code = command.main(args=argv, prog_name="synthprune", standalone_mode=False)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except CLI_ERRORS as exc:  # usage errors: bad option, bad value, missing argument
+        print(f"error: {exc.format_message()} (see --help)", file=sys.stderr)
+        return exc.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return code if isinstance(code, int) else 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Figures from run directories (matplotlib, Agg): they read the run records, never a live run."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from matplotlib.ticker import MaxNLocator
+
+from synthprune.layers import SparseLinear
+from synthprune.rundir import RunDir
+from synthprune.train import linear_layers, load_run_model
+
+__all__ = ["input_connectivity", "plot_runs"]
+
+
+def input_connectivity(model: torch.nn.Module) -> torch.Tensor:
+    """Connections each input feature keeps in the first layer: ``[n_in]``."""
+    _, first = linear_layers(model)[0]
+    if isinstance(first, SparseLinear):
+        return torch.bincount(first.edge_index()[1].cpu(), minlength=first.in_features)
+    return torch.full((first.in_features,), first.out_features)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for ax in fig.axes:
+        if ax.get_xlabel() == "epoch":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_runs(runs: list[str | Path], out: str | Path) -> list[Path]:
+    """Write ``accuracy.png``, ``connections.png`` and ``input_connectivity.png`` for one or
+    several runs (overlaid) into ``out``; returns the paths written."""
+    out = Path(out)
+    records = [(Path(r).name, RunDir(r).read_metrics()) for r in runs]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rows in records:
+        ax.plot([r["epoch"] for r in rows], [100 * r["test_accuracy"] for r in rows], marker="o", ms=3, label=name)
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    written.append(_save(fig, out / "accuracy.png"))
+
+    layer_names = sorted({k for _, rows in records for k in rows[0] if k.startswith("connections_")},
+                         key=lambda k: [int(c) if c.isdigit() else c for c in k.replace("fc", " ").split()])
+    fig, axes = plt.subplots(1, len(layer_names), figsize=(3.2 * len(layer_names), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], layer_names, strict=True):
+        for name, rows in records:
+            if key in rows[0]:
+                ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], marker="o", ms=3, label=name)
+        ax.set(xlabel="epoch", title=key.removeprefix("connections_"))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("connections")
+    axes[0][-1].legend(fontsize=7)
+    written.append(_save(fig, out / "connections.png"))
+
+    finished = [Path(r) for r in runs if RunDir(r).is_finished()]
+    if finished:
+        fig, axes = plt.subplots(1, len(finished), figsize=(3.6 * len(finished), 3.4), squeeze=False)
+        for ax, run in zip(axes[0], finished, strict=True):
+            model, _ = load_run_model(run)
+            counts = input_connectivity(model).float()
+            side = math.isqrt(counts.numel())
+            image = counts.view(side, side) if side * side == counts.numel() else counts.view(1, -1)
+            shown = ax.imshow(image.numpy(), cmap="viridis")
+            ax.set(title=f"{run.name}\n{int((counts > 0).sum())}/{counts.numel()} inputs connected")
+            ax.axis("off")
+            fig.colorbar(shown, ax=ax, fraction=0.046, label="connections per input")
+        written.append(_save(fig, out / "input_connectivity.png"))
+    return written

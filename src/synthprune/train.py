@@ -1,0 +1,226 @@
+"""``fit()``: a short, linear training loop with rewiring, run records and resume.
+
+config -> data + model -> per epoch: train (optimizer.step) -> evaluate -> rewire -> record ->
+checkpoint. The run directory is the only output; analysis reads it afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from itertools import pairwise
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from synthprune.config import TrainConfig
+from synthprune.data import load_dataset
+from synthprune.layers import SparseLinear
+from synthprune.models import SparseMLP
+from synthprune.rewiring import Rewirer
+from synthprune.rundir import RunDir, atomic_write
+
+__all__ = ["TrainingError", "build_model", "fit", "linear_layers", "live_neurons", "load_run_model", "summarize"]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); the last checkpoint is kept."""
+
+
+def build_model(config: TrainConfig, n_features: int, n_classes: int) -> SparseMLP:
+    """The MLP of a config; ``backend="dense"`` gives the same MLP with every layer dense."""
+    sizes = [n_features, *config.hidden, n_classes]
+    sparsity = {"density": 1.0} if not config.sparse else {"epsilon": config.epsilon}
+    return SparseMLP(
+        sizes, **sparsity, backend="csr" if not config.sparse else config.backend, activation=config.activation,
+        dropout=config.dropout, dense_output=config.dense_output, init=config.init, seed=config.seed,
+    )
+
+
+def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Sparse and dense linear layers of a model, in order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseLinear, nn.Linear))]
+
+
+def _degrees(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(in-degree of each output neuron ``[n_out]``, out-degree of each input ``[n_in]``)."""
+    if isinstance(layer, SparseLinear):
+        rows, cols = layer.edge_index().cpu()
+        return (torch.bincount(rows, minlength=layer.out_features),
+                torch.bincount(cols, minlength=layer.in_features))
+    return (torch.full((layer.out_features,), layer.in_features), torch.full((layer.in_features,), layer.out_features))
+
+
+def live_neurons(model: nn.Module) -> list[int]:
+    """Hidden neurons per hidden layer with at least one input and one output connection (one
+    pass; the residual network removes dead neurons to a fixed point)."""
+    layers = [layer for _, layer in linear_layers(model)]
+    return [int(((_degrees(a)[0] > 0) & (_degrees(b)[1] > 0)).sum()) for a, b in pairwise(layers)]
+
+
+def connections(model: nn.Module) -> dict[str, int]:
+    return {name: (m.nnz if isinstance(m, SparseLinear) else m.weight.numel()) for name, m in linear_layers(model)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    """Accuracy in [0, 1] (eval mode: no dropout)."""
+    model.eval()
+    correct = sum(int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+                  for i in range(0, len(y), batch_size))
+    return correct / len(y)
+
+
+def fit(
+    config: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: Callable[[int, int], object] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train ``config`` into the run directory ``out``; returns the summary (see :func:`summarize`).
+
+    ``resume=True`` continues from ``out/checkpoint.pt`` with the run's saved config; the result
+    equals an uninterrupted run's on the same machine. ``progress(total_batches, epoch)`` may
+    return a context manager whose ``advance(loss, accuracy)`` is called per batch.
+    """
+    run = RunDir(out)
+    if resume:
+        config = TrainConfig(**run.read_config()).validate()
+    run.prepare(config.to_dict(), resume)
+    device = torch.device(config.device)
+    torch.manual_seed(config.seed)
+    data = load_dataset(config.dataset, config.data_dir, config.limit_train)
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+    model = build_model(config, data.n_features, data.n_classes).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    rewirer = None
+    if config.sparse:
+        rewirer = Rewirer(model, optimizer, prune=config.prune, grow=config.grow, zeta=config.zeta,
+                          zeta_schedule=config.zeta_schedule, total_steps=max(1, config.epochs - 1),
+                          seed=config.seed, **config.grow_options())
+    metrics: list[dict] = []
+    topology: list[dict] = []
+    start_epoch = 0
+    if resume:
+        state = run.load_checkpoint(device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if rewirer is not None:
+            rewirer.load_state_dict(state["rewirer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        metrics, topology, start_epoch = state["metrics"], state["topology"], state["epoch"]
+        log(f"resuming {run.root} after epoch {start_epoch}")
+
+    n_train = len(y_train)
+    batches = math.ceil(n_train / config.batch_size)
+    for epoch in range(start_epoch, config.epochs):
+        started = time.perf_counter()
+        model.train()
+        # The data order depends only on (seed, epoch), so a resumed run sees the same batches.
+        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+        loss_sum = correct = 0.0
+        with progress(batches, epoch) if progress else nullcontext() as bar:
+            for b in range(batches):
+                index = order[b * config.batch_size : (b + 1) * config.batch_size].to(device)
+                xb, yb = x_train[index], y_train[index]
+                optimizer.zero_grad(set_to_none=True)
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"loss became {loss.item()} at epoch {epoch + 1}, batch {b + 1}: lower --lr "
+                        f"(now {config.lr}); the last good checkpoint is {run.checkpoint}")
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.item() * len(yb)
+                correct += (logits.argmax(1) == yb).sum().item()
+                if bar is not None:
+                    bar.advance(loss.item(), correct / min(n_train, (b + 1) * config.batch_size))
+        train_seconds = time.perf_counter() - started
+        test_accuracy = evaluate(model, x_test, y_test)
+        per_layer = connections(model)
+        live = live_neurons(model)
+
+        rewire_seconds = 0.0
+        if rewirer is not None and epoch < config.epochs - 1:  # no rewiring after the last epoch
+            started = time.perf_counter()
+            reports = rewirer.step(batch=(xb, yb))
+            rewire_seconds = time.perf_counter() - started
+            topology += [{"epoch": epoch + 1, **r.as_dict()} for r in reports]
+
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / n_train,
+            "train_accuracy": correct / n_train,  # running accuracy over the epoch (dropout on)
+            "test_accuracy": test_accuracy,
+            "connections": sum(per_layer.values()),
+            **{f"connections_{name}": count for name, count in per_layer.items()},
+            **{f"live_{i + 1}": count for i, count in enumerate(live)},
+            "epoch_seconds": train_seconds,
+            "rewire_seconds": rewire_seconds,
+        }
+        metrics.append(row)
+        run.write_records(metrics, topology)
+        rng = {"torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        run.save_checkpoint({
+            "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "rewirer": rewirer.state_dict() if rewirer else None, "rng": rng,
+            "metrics": metrics, "topology": topology, "config": config.to_dict(),
+        })
+        log(f"epoch {epoch + 1}/{config.epochs}  loss {row['train_loss']:.4f}  "
+            f"train {100 * row['train_accuracy']:.2f}%  test {100 * test_accuracy:.2f}%  "
+            f"connections {row['connections']:,}  {train_seconds:.1f}s (rewire {rewire_seconds:.2f}s)")
+
+    summary = summarize(metrics, model)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    metadata = {"format": "synthprune-mlp", "config": json.dumps(config.to_dict())}
+    atomic_write(run.final / "model.safetensors", safetensors_bytes(tensors, metadata=metadata))
+    final_info = {"config": config.to_dict(), "sizes": model.sizes, "summary": summary}
+    atomic_write(run.final / "config.json", json.dumps(final_info, indent=2))
+    return summary
+
+
+def summarize(metrics: list[dict], model: nn.Module | None = None) -> dict:
+    """Final and best test accuracy, connections, compression vs dense, seconds per epoch."""
+    last = metrics[-1]
+    per_layer = {k.removeprefix("connections_"): v for k, v in last.items() if k.startswith("connections_")}
+    dense = sum(m.in_features * m.out_features for _, m in linear_layers(model)) if model is not None else None
+    return {
+        "epochs": int(last["epoch"]),
+        "final_test_accuracy": last["test_accuracy"],
+        "best_test_accuracy": max(row["test_accuracy"] for row in metrics),
+        "connections": int(last["connections"]),
+        "connections_per_layer": per_layer,
+        "dense_weights": dense,
+        "density": last["connections"] / dense if dense else None,
+        "seconds_per_epoch": sum(row["epoch_seconds"] for row in metrics) / len(metrics),
+    }
+
+
+def load_run_model(run: str | Path, device: str = "cpu") -> tuple[SparseMLP, TrainConfig]:
+    """The final model of a finished run (wiring and weights from ``final/model.safetensors``)."""
+    run_dir = RunDir(run)
+    if not run_dir.is_finished():
+        raise ValueError(f"{run_dir.root} has no final/model.safetensors (unfinished run?)")
+    info = json.loads((run_dir.final / "config.json").read_text())
+    config = TrainConfig(**info["config"])
+    sizes = info["sizes"]
+    model = build_model(config, sizes[0], sizes[-1])
+    model.load_state_dict(load_file(str(run_dir.final / "model.safetensors"), device=device))
+    return model.to(device), config
+

@@ -1,0 +1,177 @@
+"""The command line end to end on digits: run directory, resume, figures, help, bad input."""
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import synthprune.train
+from synthprune.cli import app, main
+from synthprune.train import load_run_model
+
+QUICK = ["--preset", "digits-mlp", "--epochs", "3", "--quiet"]
+
+
+def rows(run):
+    with (run / "metrics.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_train_through_typer_writes_the_run_directory(tmp_path):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", *QUICK, "--grow", "synthesis", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    for name in ("config.yaml", "metrics.csv", "topology.jsonl", "checkpoint.pt", "final/model.safetensors",
+                 "final/config.json", "figures/accuracy.png", "figures/connections.png",
+                 "figures/input_connectivity.png"):
+        assert (run / name).is_file(), name
+    assert "test acc" in result.output and "compression" in result.output
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["grow"] == "synthesis" and config["epochs"] == 3 and config["dataset"] == "digits"
+    metrics = rows(run)
+    assert [int(r["epoch"]) for r in metrics] == [1, 2, 3]
+    for column in ("train_loss", "train_accuracy", "test_accuracy", "connections", "connections_fc1",
+                   "connections_fc3", "live_1", "live_2", "epoch_seconds", "rewire_seconds"):
+        assert column in metrics[0]
+    assert float(metrics[-1]["test_accuracy"]) > 0.8
+    assert int(metrics[0]["connections"]) == 5 * (64 + 128) + 5 * (128 + 128) + 128 * 10
+    lines = [json.loads(line) for line in (run / "topology.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 * 2  # 2 rewiring steps (none after the last epoch) x 2 sparse layers
+    assert {"pruned", "grown", "fallbacks", "top_decile_share", "density"} <= set(lines[0])
+
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 3 and {"model", "optimizer", "rewirer", "rng"} <= set(checkpoint)
+    tensors = load_file(run / "final" / "model.safetensors")
+    assert "fc1.col_indices" in tensors and "fc1.values" in tensors  # the wiring is in the file
+    model, _ = load_run_model(run)
+    assert model.fc1.nnz == int(metrics[-1]["connections_fc1"])
+
+
+def interrupt_after_epoch(monkeypatch, epoch):
+    """Make evaluation raise KeyboardInterrupt in epoch ``epoch + 1``, as Ctrl-C would."""
+    real, calls = synthprune.train.evaluate, []
+
+    def evaluate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == epoch + 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synthprune.train, "evaluate", evaluate)
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("dropout: 0.2\n")  # dropout: the resumed run must restore the RNG too
+    args = ["train", *QUICK, "--epochs", "4", "--config", str(config), "--no-plots"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+
+    interrupt_after_epoch(monkeypatch, 2)
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 130
+    assert "--resume" in capsys.readouterr().err
+    assert len(rows(tmp_path / "cut")) == 2 and not (tmp_path / "cut" / "final").exists()
+    monkeypatch.undo()
+    assert main(["train", "--resume", "--quiet", "--no-plots", "--out", str(tmp_path / "cut")]) == 0
+
+    strip = lambda table: [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in table]
+    assert strip(rows(tmp_path / "whole")) == strip(rows(tmp_path / "cut"))
+    whole = load_file(tmp_path / "whole" / "final" / "model.safetensors")
+    cut = load_file(tmp_path / "cut" / "final" / "model.safetensors")
+    assert whole.keys() == cut.keys()
+    for key in whole:
+        assert torch.equal(whole[key], cut[key]), key
+
+
+@pytest.mark.parametrize("backend", ["dense", "masked"])
+def test_dense_and_masked_backends_train(tmp_path, backend):
+    run = tmp_path / backend
+    assert main(["train", *QUICK, "--epochs", "2", "--backend", backend, "--no-plots", "--out", str(run)]) == 0
+    metrics = rows(run)
+    if backend == "dense":
+        assert int(metrics[0]["connections"]) == 64 * 128 + 128 * 128 + 128 * 10
+        assert (run / "topology.jsonl").read_text() == ""
+    assert float(metrics[-1]["test_accuracy"]) > 0.5
+
+
+def test_static_sparse_keeps_its_wiring(tmp_path):
+    run = tmp_path / "static"
+    assert main(["train", *QUICK, "--grow", "none", "--no-plots", "--out", str(run)]) == 0
+    lines = [json.loads(line) for line in (run / "topology.jsonl").read_text().splitlines()]
+    assert all(line["pruned"] == line["grown"] == 0 for line in lines)
+
+
+def test_plot_overlays_several_runs(tmp_path):
+    for grow in ("random", "synthesis"):
+        assert main(["train", *QUICK, "--epochs", "2", "--grow", grow, "--no-plots",
+                     "--out", str(tmp_path / grow)]) == 0
+    assert main(["plot", str(tmp_path / "random"), str(tmp_path / "synthesis"), "--out", str(tmp_path / "f")]) == 0
+    assert {p.name for p in (tmp_path / "f").iterdir()} == {"accuracy.png", "connections.png",
+                                                             "input_connectivity.png"}
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["plot"], ["list"]])
+def test_help_for_every_command(command, capsys):
+    assert main([*command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Usage" in out and "synthprune" in out
+
+
+def test_list_names_strategies(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "synthesis" in out and "kappa_end" in out and "fmnist-mlp" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "cifar-mlp"], "unknown preset 'cifar-mlp'; valid: fmnist-mlp, digits-mlp"),
+        (["--zeta", "1.5"], r"zeta must be in (0, 1), got 1.5"),
+        (["--epochs", "0"], "epochs must be >= 1, got 0"),
+        (["--epochs", "many"], "Invalid value for '--epochs'"),
+        (["--backend", "coo"], "unknown backend 'coo'; valid: csr, masked, dense"),
+        (["--grow", "magic"], "unknown grow 'magic'; valid: gradient, none, random, synthesis"),
+        (["--epsilon", "-1"], "epsilon must be > 0, got -1.0"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
+        (["--data-dir", "/nonexistent"], "Fashion-MNIST not found in /nonexistent"),
+        (["--out", "/proc/synthprune-test"], "cannot write to run directory /proc/synthprune-test"),
+        (["--resume"], "--resume needs --out"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    preset = [] if "--preset" in args or "--data-dir" in args else ["--preset", "digits-mlp"]
+    assert main(["train", *preset, "--quiet", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert "Traceback" not in err
+
+
+def test_refuses_to_overwrite_a_run_and_to_resume_a_finished_one(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *QUICK, "--epochs", "1", "--no-plots", "--out", str(run)]) == 0
+    assert main(["train", *QUICK, "--epochs", "1", "--out", str(run)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", "--resume", "--out", str(run)]) == 2
+    assert "already finished" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_is_reported(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    interrupt_after_epoch(monkeypatch, 1)
+    assert main(["train", *QUICK, "--out", str(run)]) == 130
+    (run / "checkpoint.pt").write_bytes(b"garbage")
+    assert main(["train", "--resume", "--out", str(run)]) == 2
+    assert "cannot load" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *QUICK, "--lr", "1e12", "--out", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "loss became" in err and "lower --lr" in err and "Traceback" not in err
