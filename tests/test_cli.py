@@ -141,6 +141,7 @@ def test_list_names_strategies(capsys):
         (["--data-dir", "/nonexistent"], "Fashion-MNIST not found in /nonexistent"),
         (["--out", "/proc/synthprune-test"], "cannot write to run directory /proc/synthprune-test"),
         (["--resume"], "--resume needs --out"),
+        (["--resume", "--epochs", "9", "--out", "x"], "saved config.yaml; drop --epochs"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path, monkeypatch):

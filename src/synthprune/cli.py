@@ -99,14 +99,20 @@ def train(
     checkpoint.pt, final/ and figures/."""
     from synthprune.train import fit  # keeps `synthprune --help` fast
 
-    settings = load_config(
-        preset, config, grow=grow, prune=prune, epsilon=epsilon, zeta=zeta, zeta_schedule=zeta_schedule,
-        endpoint=endpoint, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, backend=backend,
-        device=device, limit_train=limit_train, data_dir=str(data_dir) if data_dir else None,
+    overrides = dict(
+        grow=grow, prune=prune, epsilon=epsilon, zeta=zeta, zeta_schedule=zeta_schedule, endpoint=endpoint,
+        epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, backend=backend, device=device,
+        limit_train=limit_train, data_dir=str(data_dir) if data_dir else None,
     )
-    if out is None:
-        if resume:
+    if resume:
+        given = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
+        if given or config is not None:
+            dropped = ", ".join(given) or "--config"
+            raise ValueError(f"--resume continues with the run's saved config.yaml; drop {dropped}")
+        if out is None:
             raise ValueError("--resume needs --out, the run directory to continue")
+    settings = load_config(preset, config, **overrides)
+    if out is None:
         out = Path("runs") / f"{preset}-{settings.grow if settings.sparse else 'dense'}-s{settings.seed}"
     show_bar = not quiet and console.is_terminal
     progress = (lambda total, epoch: EpochBar(total, epoch, settings.epochs)) if show_bar else None
