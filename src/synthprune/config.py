@@ -62,10 +62,6 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes) -> TrainConfig:
-        """A copy with ``changes`` applied (``None`` values are ignored), validated."""
-        return _from_dict({**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}})
-
     def validate(self) -> TrainConfig:
         """Raise ``ValueError`` naming the first bad value and the valid ones."""
         strategies = list_strategies()

@@ -53,8 +53,8 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> list[Path]:
     ax.legend(fontsize=8)
     written.append(_save(fig, out / "accuracy.png"))
 
-    layer_names = sorted({k for _, rows in records for k in rows[0] if k.startswith("connections_")},
-                         key=lambda k: [int(c) if c.isdigit() else c for c in k.replace("fc", " ").split()])
+    # metrics.csv lists layers in model order; keep that order across runs
+    layer_names = list(dict.fromkeys(k for _, rows in records for k in rows[0] if k.startswith("connections_")))
     fig, axes = plt.subplots(1, len(layer_names), figsize=(3.2 * len(layer_names), 3.4), squeeze=False)
     for ax, key in zip(axes[0], layer_names, strict=True):
         for name, rows in records:

@@ -242,8 +242,8 @@ def top_gradient_slots(
         if best_scores.numel() == count:
             # Only entries beating the current count-th best can enter: filter before top-k,
             # which keeps later chunks cheap when count is large.
-            keys = (scores > best_scores.min()).nonzero().squeeze(1)
-            top_values, top_indices = scores[keys], keys
+            top_indices = (scores > best_scores.min()).nonzero().squeeze(1)
+            top_values = scores[top_indices]
         else:
             top_values, top_indices = torch.topk(scores, min(count, scores.numel()))
         best_scores = torch.cat([best_scores, top_values])

@@ -61,8 +61,8 @@ def _degrees(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 def live_neurons(model: nn.Module) -> list[int]:
     """Hidden neurons per hidden layer with at least one input and one output connection (one
     pass; the residual network removes dead neurons to a fixed point)."""
-    layers = [layer for _, layer in linear_layers(model)]
-    return [int(((_degrees(a)[0] > 0) & (_degrees(b)[1] > 0)).sum()) for a, b in pairwise(layers)]
+    degrees = [_degrees(layer) for _, layer in linear_layers(model)]  # once per layer
+    return [int(((a[0] > 0) & (b[1] > 0)).sum()) for a, b in pairwise(degrees)]
 
 
 def connections(model: nn.Module) -> dict[str, int]:
@@ -195,11 +195,11 @@ def fit(
     return summary
 
 
-def summarize(metrics: list[dict], model: nn.Module | None = None) -> dict:
+def summarize(metrics: list[dict], model: nn.Module) -> dict:
     """Final and best test accuracy, connections, compression vs dense, seconds per epoch."""
     last = metrics[-1]
     per_layer = {k.removeprefix("connections_"): v for k, v in last.items() if k.startswith("connections_")}
-    dense = sum(m.in_features * m.out_features for _, m in linear_layers(model)) if model is not None else None
+    dense = sum(m.in_features * m.out_features for _, m in linear_layers(model))
     return {
         "epochs": int(last["epoch"]),
         "final_test_accuracy": last["test_accuracy"],
@@ -207,7 +207,7 @@ def summarize(metrics: list[dict], model: nn.Module | None = None) -> dict:
         "connections": int(last["connections"]),
         "connections_per_layer": per_layer,
         "dense_weights": dense,
-        "density": last["connections"] / dense if dense else None,
+        "density": last["connections"] / dense,
         "seconds_per_epoch": sum(row["epoch_seconds"] for row in metrics) / len(metrics),
     }
 
