@@ -7,6 +7,9 @@ Typical use, after each epoch (or every N optimizer steps)::
     ...
     reports = rewirer.step()                      # or step(batch=(x, y)) for grow="gradient"
 
+With ``compress_to`` the budget shrinks along a cubic schedule: each step grows fewer
+connections than it prunes (DESIGN §2.4).
+
 The Rewirer never calls ``optimizer.step()``; training stays in the user's loop.
 """
 
@@ -22,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from synthprune.compression import COMPRESS_SCOPES, LayerShape, final_counts
 from synthprune.layers import SparseLinear
 from synthprune.models import sparse_layers
-from synthprune.schedules import ZETA_SCHEDULES, zeta_at
+from synthprune.schedules import ZETA_SCHEDULES, cubic_count, zeta_at
 from synthprune.strategies import (
     GrowContext,
     get_grow,
@@ -33,7 +37,7 @@ from synthprune.strategies import (
     grown_share_at_top_decile,
     needs_gradient,
 )
-from synthprune.topology import check_topology, place_growth, select_lowest
+from synthprune.topology import TopologyError, check_topology, place_growth, select_lowest
 
 __all__ = ["NEW_WEIGHTS", "LayerReport", "Rewirer"]
 
@@ -49,6 +53,7 @@ class LayerReport:
     step: int
     layer: str
     zeta: float
+    target: int  # connections this step aims at (below the previous count while compressing)
     pruned: int
     grown: int
     fallbacks: int  # grown connections that came from the uniform fallback
@@ -78,11 +83,23 @@ class Rewirer:
         new_weight_std: the std for ``new_weights="normal"``.
         loss_fn: loss for gradient-based growth, ``loss_fn(model(x), y)``; cross-entropy.
         max_rounds: proposal rounds before growth falls back to uniform over free slots.
+        compress_to: shrink to this final density (< 1), connection count (>= 1), or per-layer
+            ``{name: density or count}`` (see :mod:`synthprune.compression`). ``None``: the
+            budget stays constant. Infeasible targets raise ``ValueError`` here.
+        compress_scope: ``"global"`` (one total over all sparse layers) or ``"layer"``.
+        compress_start, compress_end: first and last rewiring step (0-based, inclusive) of the
+            cubic schedule; ``compress_end`` defaults to ``total_steps - 1``. A step called with
+            ``compress=False`` (an accuracy guard) holds the count and does not advance the
+            schedule, so a paused run reaches the target later.
         **strategy_options: options of the grow strategy (e.g. ``endpoint="tail"`` for
             synthesis; :func:`synthprune.strategies.grow_options` lists them).
 
     Topology decisions run on the CPU with the per-layer generators, so the same seed gives
     the same wiring on either backend and on any device.
+
+    While compressing, pruning never takes the last input of an output neuron that is live
+    (that has outgoing connections in the next layer, or is an output of the network): each
+    such neuron keeps its strongest input by the prune criterion.
     """
 
     def __init__(
@@ -100,6 +117,10 @@ class Rewirer:
         new_weight_std: float = 0.01,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         max_rounds: int = 8,
+        compress_to: float | int | str | dict | None = None,
+        compress_scope: str = "global",
+        compress_start: int = 0,
+        compress_end: int | None = None,
         **strategy_options,
     ) -> None:
         self.prune_fn, self.grow_fn = get_prune(prune), get_grow(grow)
@@ -128,6 +149,7 @@ class Rewirer:
         self.max_rounds = max_rounds
         self.strategy_options = strategy_options
         self.step_count = 0
+        self._set_up_compression(compress_to, compress_scope, compress_start, compress_end)
         # One independent stream per layer (SeedSequence spawning): adding a layer or a
         # strategy that draws more numbers in one layer never shifts another layer's stream.
         states = np.random.SeedSequence(seed).spawn(len(self.layers))
@@ -141,54 +163,118 @@ class Rewirer:
         return (f"Rewirer(prune={self.prune!r}, grow={self.grow!r}, zeta={self.zeta}, "
                 f"zeta_schedule={self.zeta_schedule!r}, layers={len(self.layers)}{opts})")
 
+    def _set_up_compression(self, compress_to, scope: str, start: int, end: int | None) -> None:
+        self.compress_to, self.compress_scope = compress_to, scope
+        self.initial_counts = [layer.nnz for _, layer in self.layers]
+        self.final_counts = list(self.initial_counts)
+        self.shrink_steps_done = 0
+        self.compress_start = self.compress_end = 0
+        if compress_to is None:
+            return
+        if scope not in COMPRESS_SCOPES:
+            raise ValueError(f"unknown compress_scope {scope!r}; valid: {', '.join(COMPRESS_SCOPES)}")
+        if end is None:
+            if not self.total_steps:
+                raise ValueError("compress_to needs compress_end (the last shrinking step) or total_steps")
+            end = self.total_steps - 1
+        if not 0 <= start <= end:
+            raise ValueError(f"compression steps must satisfy 0 <= compress_start <= compress_end, got {start}, {end}")
+        shapes = [LayerShape(name, layer.in_features, layer.out_features, layer.nnz) for name, layer in self.layers]
+        self.final_counts = final_counts(shapes, compress_to, scope)
+        self.compress_start, self.compress_end = start, end
+        self._successors = _successors(self.model, [layer for _, layer in self.layers])
+
+    @property
+    def compressing(self) -> bool:
+        return self.compress_to is not None
+
     def current_zeta(self) -> float:
         return zeta_at(self.step_count, self.zeta, self.zeta_schedule, self.total_steps)
 
+    def targets(self, compress: bool = True) -> list[int] | None:
+        """Each layer's connection count after the next step, or ``None`` for "keep the current
+        count" (no compression, before ``compress_start``, or ``compress=False``)."""
+        if not (self.compressing and compress and self.step_count >= self.compress_start):
+            return None
+        steps = self.compress_end - self.compress_start + 1
+        return [cubic_count(initial, final, self.shrink_steps_done + 1, steps)
+                for initial, final in zip(self.initial_counts, self.final_counts, strict=True)]
+
     @torch.no_grad()
-    def step(self, batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[LayerReport]:
+    def step(
+        self, batch: tuple[torch.Tensor, torch.Tensor] | None = None, *, compress: bool = True
+    ) -> list[LayerReport]:
         """Rewire every sparse layer once; returns one :class:`LayerReport` per layer.
 
         ``batch=(inputs, targets)`` is required by gradient-based growth and ignored otherwise.
+        ``compress=False`` holds every layer's count this step (an accuracy guard's pause).
         """
         if needs_gradient(self.grow) and batch is None:
             raise ValueError(f"grow={self.grow!r} needs a batch: call step(batch=(inputs, targets))")
         signals = self._layer_signals(batch) if needs_gradient(self.grow) else {}
         zeta = self.current_zeta()
-        reports = []
-        for (name, layer), generator in zip(self.layers, self.generators, strict=True):
+        shrinking = self.targets(compress)
+        targets = shrinking or [layer.nnz for _, layer in self.layers]
+        reports: list[LayerReport] = []
+        # Last layer first: which of a layer's output neurons are live depends on the next
+        # layer's final wiring for this step.
+        for index in reversed(range(len(self.layers))):
+            name, layer = self.layers[index]
             start = time.perf_counter()
             inputs, grad_outputs = signals.get(name, (None, None))
-            pruned, grown, fallbacks, share = self._rewire_layer(layer, zeta, generator, inputs, grad_outputs)
+            live = self._live_outputs(index)
+            pruned, grown, fallbacks, share = self._rewire_layer(
+                layer, zeta, targets[index], self.generators[index], inputs, grad_outputs, live)
             report = LayerReport(
-                step=self.step_count, layer=name, zeta=zeta, pruned=pruned, grown=grown,
+                step=self.step_count, layer=name, zeta=zeta, target=targets[index], pruned=pruned, grown=grown,
                 fallbacks=fallbacks, top_decile_share=share, connections=layer.nnz,
                 density=layer.density, seconds=time.perf_counter() - start,
             )
             logger.info("rewire step %d %s: -%d +%d (fallback %d, top-decile starts %.0f%%) -> %d (%.2f%%) in %.3fs",
                         report.step, name, pruned, grown, fallbacks, 100 * share, report.connections,
                         100 * report.density, report.seconds)
-            reports.append(report)
+            reports.insert(0, report)
+        if shrinking is not None:
+            self.shrink_steps_done += 1
         self.step_count += 1
         return reports
+
+    def _live_outputs(self, index: int) -> torch.Tensor | None:
+        """``[n_out]`` bool: output neurons of layer ``index`` whose last input must survive
+        (only while compressing; ``None`` = no protection)."""
+        if not self.compressing:
+            return None
+        layer = self.layers[index][1]
+        successor = self._successors[index]
+        if not isinstance(successor, SparseLinear):  # dense next layer, or a network output
+            return torch.ones(layer.out_features, dtype=torch.bool)
+        return torch.bincount(successor.edge_index()[1].cpu(), minlength=successor.in_features) > 0
 
     def _rewire_layer(
         self,
         layer: SparseLinear,
         zeta: float,
+        target: int,
         generator: torch.Generator,
         inputs: torch.Tensor | None,
         grad_outputs: torch.Tensor | None,
+        live_outputs: torch.Tensor | None,
     ) -> tuple[int, int, int, float]:
         n_in, n_out = layer.in_features, layer.out_features
         keys = layer.keys().cpu()
         values = layer.connection_values().detach().cpu()
-        target = keys.numel()  # constant budget
+        scores = self.prune_fn(values)
+        protected = _last_inputs(keys // n_in, scores, live_outputs)
+        n_protected = int(protected.sum()) if protected is not None else 0
+        # Prune ζ·k (none when static), at least enough to reach the target, and never a
+        # protected connection; grow back the difference to the target.
         n_prune = 0 if self.grow == "none" else round(zeta * keys.numel())
+        n_prune = min(max(n_prune, keys.numel() - target), keys.numel() - n_protected)
         n_grow = target - (keys.numel() - n_prune)
 
         # 1. prune: the shared selection removes the lowest scores of the criterion
         keep = torch.ones(keys.numel(), dtype=torch.bool)
-        keep[select_lowest(self.prune_fn(values), n_prune)] = False
+        keep[select_lowest(scores, n_prune, protected)] = False
         kept_old = keep.nonzero().squeeze(1)
         ctx = GrowContext(n_in, n_out, keys[keep], values[keep], inputs, grad_outputs)
 
@@ -213,6 +299,8 @@ class Rewirer:
             self.optimizer.state[param][key] = layer.carry_over(tensor, kept_old, kept_new)
 
         check_topology(layer.keys().cpu(), n_out, n_in, expected_count=target)
+        if protected is not None:
+            _check_kept_inputs(layer, keys[protected] // n_in)
         layer.check()
         return n_prune, n_grow, fallbacks, grown_share_at_top_decile(ctx, new_keys)
 
@@ -267,13 +355,18 @@ class Rewirer:
         return {
             "step_count": self.step_count,
             "generators": [g.get_state() for g in self.generators],
-            "settings": {"prune": self.prune, "grow": self.grow, "zeta": self.zeta,
-                         "zeta_schedule": self.zeta_schedule, "seed": self.seed},
+            "settings": self._settings(),
+            "compression": {"initial_counts": self.initial_counts, "final_counts": self.final_counts,
+                            "shrink_steps_done": self.shrink_steps_done},
         }
 
+    def _settings(self) -> dict:
+        return {"prune": self.prune, "grow": self.grow, "zeta": self.zeta, "zeta_schedule": self.zeta_schedule,
+                "seed": self.seed, "compress_to": self.compress_to, "compress_scope": self.compress_scope,
+                "compress_start": self.compress_start, "compress_end": self.compress_end}
+
     def load_state_dict(self, state: dict) -> None:
-        settings = {"prune": self.prune, "grow": self.grow, "zeta": self.zeta,
-                    "zeta_schedule": self.zeta_schedule, "seed": self.seed}
+        settings = self._settings()
         differ = {k: (v, settings[k]) for k, v in state.get("settings", {}).items() if settings.get(k) != v}
         if differ:
             raise ValueError(f"rewirer state was saved with other settings (saved, current): {differ}")
@@ -282,3 +375,49 @@ class Rewirer:
         for generator, g_state in zip(self.generators, state["generators"], strict=True):
             generator.set_state(g_state)
         self.step_count = int(state["step_count"])
+        if "compression" in state:
+            # The counts compression started from, not those of the model as (re)built.
+            compression = state["compression"]
+            self.initial_counts = [int(c) for c in compression["initial_counts"]]
+            self.final_counts = [int(c) for c in compression["final_counts"]]
+            self.shrink_steps_done = int(compression["shrink_steps_done"])
+
+
+def _successors(model: nn.Module, layers: list[SparseLinear]) -> list[nn.Module | None]:
+    """The linear layer fed by each sparse layer, when the model is a plain sequence of layers
+    (:class:`SparseMLP`, an ``nn.Sequential``); ``None`` (every output neuron counts as live)
+    otherwise or for the last one."""
+    if not isinstance(model, nn.Sequential):
+        return [None] * len(layers)
+    chain = [m for m in model.modules() if isinstance(m, (SparseLinear, nn.Linear))]
+    successors: list[nn.Module | None] = []
+    for layer in layers:
+        position = next(i for i, m in enumerate(chain) if m is layer)
+        after = chain[position + 1] if position + 1 < len(chain) else None
+        successors.append(after if after is not None and after.in_features == layer.out_features else None)
+    return successors
+
+
+def _last_inputs(rows: torch.Tensor, scores: torch.Tensor, live_outputs: torch.Tensor | None) -> torch.Tensor | None:
+    """``[nnz]`` bool: for each live output neuron (row), its one connection with the highest
+    prune score -- the last to go -- which pruning must keep. ``rows`` is sorted (CSR order)."""
+    if live_outputs is None:
+        return None
+    if rows.numel() == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    best = torch.full((live_outputs.numel(),), -torch.inf, dtype=scores.dtype)
+    best = best.scatter_reduce(0, rows, scores, reduce="amax")
+    candidates = ((scores == best[rows]) & live_outputs[rows]).nonzero().squeeze(1)
+    first_of_row = torch.ones(candidates.numel(), dtype=torch.bool)
+    first_of_row[1:] = rows[candidates[1:]] != rows[candidates[:-1]]
+    protected = torch.zeros(rows.numel(), dtype=torch.bool)
+    protected[candidates[first_of_row]] = True
+    return protected
+
+
+def _check_kept_inputs(layer: SparseLinear, rows: torch.Tensor) -> None:
+    """Every protected output neuron (``rows``) still has an input after the step."""
+    in_degree = torch.bincount(layer.edge_index()[0].cpu(), minlength=layer.out_features)
+    orphaned = rows[in_degree[rows] == 0]
+    if orphaned.numel():
+        raise TopologyError(f"live output neurons {orphaned[:5].tolist()} lost their last input")

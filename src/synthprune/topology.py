@@ -116,11 +116,13 @@ def unique_in_order(values: torch.Tensor) -> torch.Tensor:
     return values[first.sort().values]
 
 
-def select_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Positions of the ``k`` lowest scores; ties go to the lower position (stable)."""
-    if not 0 <= k <= scores.numel():
-        raise ValueError(f"cannot select {k} of {scores.numel()} scores")
-    return torch.sort(scores, stable=True).indices[:k]
+def select_lowest(scores: torch.Tensor, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions of the ``k`` lowest scores, never a ``protected`` one (``[n]`` bool); ties go
+    to the lower position (stable)."""
+    candidates = torch.arange(scores.numel()) if protected is None else (~protected).nonzero().squeeze(1)
+    if not 0 <= k <= candidates.numel():
+        raise ValueError(f"cannot select {k} of {candidates.numel()} unprotected scores")
+    return candidates[torch.sort(scores[candidates], stable=True).indices[:k]]
 
 
 # --------------------------------------------------------------------------- sampling
