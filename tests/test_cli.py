@@ -52,26 +52,28 @@ def test_train_through_typer_writes_the_run_directory(tmp_path):
     assert model.fc1.nnz == int(metrics[-1]["connections_fc1"])
 
 
-def interrupt_after_epoch(monkeypatch, epoch):
+def interrupt_after_epoch(monkeypatch, epoch, evaluations_per_epoch=1):
     """Make evaluation raise KeyboardInterrupt in epoch ``epoch + 1``, as Ctrl-C would."""
     real, calls = synthprune.train.evaluate, []
 
     def evaluate(*args, **kwargs):
         calls.append(1)
-        if len(calls) == epoch + 1:
+        if len(calls) == epoch * evaluations_per_epoch + 1:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
     monkeypatch.setattr(synthprune.train, "evaluate", evaluate)
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("extra", [[], ["--compress-to", "0.05", "--accuracy-guard", "0.5"]],
+                         ids=["rewiring", "compression"])
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys, extra):
     config = tmp_path / "c.yaml"
     config.write_text("dropout: 0.2\n")  # dropout: the resumed run must restore the RNG too
-    args = ["train", *QUICK, "--epochs", "4", "--config", str(config), "--no-plots"]
+    args = ["train", *QUICK, "--epochs", "4", "--config", str(config), "--no-plots", *extra]
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
 
-    interrupt_after_epoch(monkeypatch, 2)
+    interrupt_after_epoch(monkeypatch, 2, evaluations_per_epoch=2 if extra else 1)
     assert main([*args, "--out", str(tmp_path / "cut")]) == 130
     assert "--resume" in capsys.readouterr().err
     assert len(rows(tmp_path / "cut")) == 2 and not (tmp_path / "cut" / "final").exists()
@@ -96,6 +98,37 @@ def test_dense_and_masked_backends_train(tmp_path, backend):
         assert int(metrics[0]["connections"]) == 64 * 128 + 128 * 128 + 128 * 10
         assert (run / "topology.jsonl").read_text() == ""
     assert float(metrics[-1]["test_accuracy"]) > 0.5
+
+
+def test_compression_reaches_its_target_and_records_validation(tmp_path):
+    run = tmp_path / "c"
+    assert main(["train", *QUICK, "--epochs", "5", "--compress-to", "0.04", "--compress-end", "3",
+                 "--accuracy-guard", "50", "--no-plots", "--out", str(run)]) == 0
+    metrics = rows(run)
+    sparse = [int(r["connections_fc1"]) + int(r["connections_fc2"]) for r in metrics]
+    assert sparse[3] == sparse[4] == round(0.04 * (64 * 128 + 128 * 128))  # reached after epoch 3
+    assert sparse[0] > sparse[1] > sparse[2] > sparse[3]
+    assert all(0 < float(r["validation_accuracy"]) <= 1 and r["compression_paused"] == "0" for r in metrics)
+    lines = [json.loads(line) for line in (run / "topology.jsonl").read_text().splitlines()]
+    assert all(line["connections"] == line["target"] for line in lines)
+    assert sum(line["pruned"] - line["grown"] for line in lines) == sparse[0] - sparse[-1]
+
+
+def test_accuracy_guard_pauses_compression(tmp_path, monkeypatch):
+    # Validation accuracy that falls every epoch: the guard must hold the count from epoch 2 on.
+    real, calls = synthprune.train.evaluate, []
+
+    def evaluate(model, x, y, *args, **kwargs):
+        calls.append(1)
+        return real(model, x, y) if len(calls) % 2 else 1.0 - 0.1 * len(calls)
+
+    monkeypatch.setattr(synthprune.train, "evaluate", evaluate)
+    run = tmp_path / "g"
+    assert main(["train", *QUICK, "--epochs", "4", "--compress-to", "0.04", "--accuracy-guard", "1",
+                 "--no-plots", "--out", str(run)]) == 0
+    metrics = rows(run)
+    assert [r["compression_paused"] for r in metrics] == ["0", "1", "1", "1"]
+    assert metrics[1]["connections"] == metrics[2]["connections"] == metrics[3]["connections"]
 
 
 def test_static_sparse_keeps_its_wiring(tmp_path):
@@ -142,6 +175,14 @@ def test_list_names_strategies(capsys):
         (["--out", "/proc/synthprune-test"], "cannot write to run directory /proc/synthprune-test"),
         (["--resume"], "--resume needs --out"),
         (["--resume", "--epochs", "9", "--out", "x"], "saved config.yaml; drop --epochs"),
+        (["--compress-to", "0.5"], "compression only shrinks"),
+        (["--compress-to", "100", "--compress-scope", "layer"], "fewer than its 128 output neurons"),
+        (["--compress-to", "1e9x"], "compress_to must be a density below 1 or a connection count"),
+        (["--compress-to", "0.01", "--backend", "dense"], "compress_to needs a sparse backend"),
+        (["--compress-to", "0.01", "--compress-end", "10"], "compress_end <= epochs - 1"),
+        (["--compress-to", "0.05", "--compress-scope", "all"], "unknown compress_scope 'all'"),
+        (["--accuracy-guard", "1"], "accuracy_guard pauses compression: it needs compress_to"),
+        (["--compress-to", "0.05", "--accuracy-guard", "1", "--validation-split", "0"], "validation_split > 0"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path, monkeypatch):
@@ -151,6 +192,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path, monke
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert "Traceback" not in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # a refused run leaves nothing
 
 
 def test_refuses_to_overwrite_a_run_and_to_resume_a_finished_one(tmp_path, capsys):

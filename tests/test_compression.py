@@ -196,3 +196,19 @@ def test_compression_state_round_trip():
         assert torch.equal(a.keys(), b.keys())
     with pytest.raises(ValueError, match="other settings"):
         Rewirer(clone, grow="synthesis", seed=1, compress_to=0.09, compress_end=3).load_state_dict(state)
+
+
+def test_training_goes_on_after_shrinking_while_the_last_graph_is_alive(backend):
+    # Regression: with `.data = smaller`, a loss still referenced by the training loop kept a
+    # stale gradient accumulator and the next backward failed with a shape mismatch.
+    model = SparseMLP([20, 30, 30, 4], epsilon=3, backend=backend, seed=0)
+    optimizer = make_optimizer("sgd", model)
+    rewirer = Rewirer(model, optimizer, grow="random", compress_to=0.1, compress_end=1)
+    x, y = torch.randn(8, 20), torch.randint(0, 4, (8,))
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(model(x), y)  # stays alive across the step
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        rewirer.step()
+    assert [layer.nnz for _, layer in sparse_layers(model)] == rewirer.final_counts

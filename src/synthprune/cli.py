@@ -82,6 +82,23 @@ def train(
     zeta: Annotated[float | None, typer.Option(help="Fraction rewired after each epoch, in (0, 1).")] = None,
     zeta_schedule: Annotated[str | None, typer.Option(help="constant or cosine.")] = None,
     endpoint: Annotated[str | None, typer.Option(help="Synthesis endpoint rule: cdf or tail.")] = None,
+    compress_to: Annotated[str | None, typer.Option(
+        help="Shrink the sparse layers during training to this density (below 1, e.g. 0.01) or connection "
+             "count (1 or more), on a cubic schedule.", rich_help_panel="Compression")] = None,
+    compress_scope: Annotated[str | None, typer.Option(
+        help="global: one total for all sparse layers, shared in proportion to their counts; layer: each "
+             "layer on its own.", rich_help_panel="Compression")] = None,
+    compress_start: Annotated[int | None, typer.Option(
+        help="The budget first shrinks after this epoch (default 1).", rich_help_panel="Compression")] = None,
+    compress_end: Annotated[int | None, typer.Option(
+        help="The target is reached after this epoch (default: 3/4 of the way through the run).",
+        rich_help_panel="Compression")] = None,
+    accuracy_guard: Annotated[float | None, typer.Option(
+        help="Pause shrinking while validation accuracy is more than this many points below its best.",
+        rich_help_panel="Compression")] = None,
+    validation_split: Annotated[float | None, typer.Option(
+        help="Share of the training set held out for validation (default 0.1 with --accuracy-guard, else 0).",
+        rich_help_panel="Compression")] = None,
     epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Mini-batch size.")] = None,
     lr: Annotated[float | None, typer.Option(help="SGD learning rate.")] = None,
@@ -102,7 +119,9 @@ def train(
     overrides = dict(
         grow=grow, prune=prune, epsilon=epsilon, zeta=zeta, zeta_schedule=zeta_schedule, endpoint=endpoint,
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, backend=backend, device=device,
-        limit_train=limit_train, data_dir=str(data_dir) if data_dir else None,
+        limit_train=limit_train, data_dir=str(data_dir) if data_dir else None, compress_to=compress_to,
+        compress_scope=compress_scope, compress_start=compress_start, compress_end=compress_end,
+        accuracy_guard=accuracy_guard, validation_split=validation_split,
     )
     if resume:
         given = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
@@ -113,7 +132,8 @@ def train(
             raise ValueError("--resume needs --out, the run directory to continue")
     settings = load_config(preset, config, **overrides)
     if out is None:
-        out = Path("runs") / f"{preset}-{settings.grow if settings.sparse else 'dense'}-s{settings.seed}"
+        compressed = f"-c{settings.compress_to}" if settings.compress_to is not None else ""
+        out = Path("runs") / f"{preset}-{settings.grow if settings.sparse else 'dense'}{compressed}-s{settings.seed}"
     show_bar = not quiet and console.is_terminal
     progress = (lambda total, epoch: EpochBar(total, epoch, settings.epochs)) if show_bar else None
     log = (lambda line: None) if quiet else (lambda line: console.print(line, highlight=False, soft_wrap=True))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
+from synthprune.compression import COMPRESS_SCOPES, parse_target
 from synthprune.data import DATASETS
 from synthprune.layers import BACKENDS, INITS
 from synthprune.models import ACTIVATIONS
@@ -42,6 +44,12 @@ class TrainConfig:
     endpoint: str = "cdf"  # synthesis: endpoint rule, cdf | tail
     kappa_start: float = 0.0  # synthesis: start nodes need strength z-score >= this
     kappa_end: float = 1.0  # synthesis (tail): endpoints need z-score >= this
+    compress_to: float | int | None = None  # shrink the sparse layers to: < 1 a density, >= 1 a count
+    compress_scope: str = "global"  # global (one total, shared in proportion) | layer (each layer)
+    compress_start: int = 1  # the budget first shrinks after this epoch...
+    compress_end: int | None = None  # ...and reaches the target after this one (default: 3/4 of the run)
+    accuracy_guard: float | None = None  # pause shrinking while validation acc is > this many points below best
+    validation_split: float | None = None  # share of the training set held out (default 0.1 with the guard)
     epochs: int = 20
     batch_size: int = 128
     lr: float = 0.01  # SGD learning rate
@@ -59,16 +67,30 @@ class TrainConfig:
             return {}
         return {"endpoint": self.endpoint, "kappa_start": self.kappa_start, "kappa_end": self.kappa_end}
 
+    @property
+    def compress_epochs(self) -> tuple[int, int]:
+        """(first, last) epoch after which the budget shrinks (1-based, inclusive)."""
+        end = self.compress_end if self.compress_end is not None else max(
+            self.compress_start, math.ceil(0.75 * (self.epochs - 1)))
+        return self.compress_start, end
+
+    @property
+    def validation_fraction(self) -> float:
+        if self.validation_split is not None:
+            return self.validation_split
+        return 0.1 if self.accuracy_guard is not None else 0.0
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def validate(self) -> TrainConfig:
-        """Raise ``ValueError`` naming the first bad value and the valid ones."""
+        """Raise ``ValueError`` naming the first bad value and the valid ones; returns ``self``
+        with ``compress_to`` normalised (a whole count becomes an ``int``)."""
         strategies = list_strategies()
         choices = {
             "dataset": DATASETS, "backend": TRAIN_BACKENDS, "activation": tuple(ACTIVATIONS), "init": INITS,
             "prune": tuple(strategies["prune"]), "grow": tuple(strategies["grow"]),
-            "zeta_schedule": ZETA_SCHEDULES, "endpoint": ("cdf", "tail"),
+            "zeta_schedule": ZETA_SCHEDULES, "endpoint": ("cdf", "tail"), "compress_scope": COMPRESS_SCOPES,
         }
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
@@ -84,10 +106,13 @@ class TrainConfig:
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("limit_train", self.limit_train is None or self.limit_train >= 1, ">= 1"),
             ("hidden", len(self.hidden) >= 1 and all(int(h) >= 1 for h in self.hidden), "a list of widths >= 1"),
+            ("validation_split", self.validation_split is None or 0 <= self.validation_split < 1, "in [0, 1)"),
+            ("accuracy_guard", self.accuracy_guard is None or self.accuracy_guard > 0, "> 0 (accuracy points)"),
         ]
         for name, ok, rule in checks:
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+        self._validate_compression()
         try:
             device = torch.device(self.device)
         except RuntimeError as exc:
@@ -95,6 +120,23 @@ class TrainConfig:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available here; use --device cpu")
         return self
+
+    def _validate_compression(self) -> None:
+        if self.compress_to is None:
+            if self.accuracy_guard is not None:
+                raise ValueError("accuracy_guard pauses compression: it needs compress_to")
+            return
+        self.compress_to = parse_target(self.compress_to)
+        if not self.sparse:
+            raise ValueError("compress_to needs a sparse backend (csr or masked), not the dense baseline")
+        if self.epochs < 2:
+            raise ValueError("compress_to needs epochs >= 2: the budget shrinks at the rewiring steps between epochs")
+        start, end = self.compress_epochs
+        if not 1 <= start <= end <= self.epochs - 1:
+            raise ValueError(f"compression epochs must satisfy 1 <= compress_start <= compress_end <= epochs - 1 "
+                             f"(the last rewiring step is after epoch {self.epochs - 1}), got {start} and {end}")
+        if self.accuracy_guard is not None and self.validation_fraction == 0:
+            raise ValueError("accuracy_guard needs held-out validation data: validation_split > 0")
 
 
 PRESETS: dict[str, dict] = {

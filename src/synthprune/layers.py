@@ -284,7 +284,15 @@ class CSRLinear(SparseLinear):
         device = self.values.device
         keys, values = keys.to(device), values.to(device, self.values.dtype)
         self._validate(keys, values)
-        self.values.data = values
+        if values.shape == self.values.shape:
+            self.values.data = values
+        else:
+            # A new size: autograd caches the leaf's shape in its gradient accumulator, which a
+            # graph still alive in the caller's loop (last batch's loss) keeps; `.data = ...`
+            # would leave it stale and the next backward would fail. Swapping in a fresh
+            # tensor keeps the Parameter object (the optimizer's key) and drops the cache.
+            fresh = nn.Parameter(values, requires_grad=self.values.requires_grad)
+            torch.utils.swap_tensors(self.values, fresh)
         self._index_from_keys(keys)
 
     def carry_over(self, old: torch.Tensor, kept_old: torch.Tensor, kept_new: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,10 @@ from synthprune.models import SparseMLP
 from synthprune.rewiring import Rewirer
 from synthprune.rundir import RunDir, atomic_write
 
-__all__ = ["TrainingError", "build_model", "fit", "linear_layers", "live_neurons", "load_run_model", "summarize"]
+__all__ = [
+    "TrainingError", "build_model", "build_rewirer", "fit", "linear_layers", "live_neurons", "load_run_model",
+    "split_validation", "summarize",
+]
 
 
 class TrainingError(RuntimeError):
@@ -95,20 +98,21 @@ def fit(
     run = RunDir(out)
     if resume:
         config = TrainConfig(**run.read_config()).validate()
-    run.prepare(config.to_dict(), resume)
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     data = load_dataset(config.dataset, config.data_dir, config.limit_train)
-    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    x_train, y_train = data.x_train, data.y_train
+    train_index, val_index = split_validation(len(y_train), config.validation_fraction, config.seed)
+    x_val, y_val = x_train[val_index].to(device), y_train[val_index].to(device)
+    if len(val_index):
+        x_train, y_train = x_train[train_index], y_train[train_index]
+    x_train, y_train = x_train.to(device), y_train.to(device)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     model = build_model(config, data.n_features, data.n_classes).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    rewirer = None
-    if config.sparse:
-        rewirer = Rewirer(model, optimizer, prune=config.prune, grow=config.grow, zeta=config.zeta,
-                          zeta_schedule=config.zeta_schedule, total_steps=max(1, config.epochs - 1),
-                          seed=config.seed, **config.grow_options())
+    rewirer = build_rewirer(config, model, optimizer)  # refuses an infeasible compress_to
+    run.prepare(config.to_dict(), resume)  # only now: a refused config leaves no run behind
     metrics: list[dict] = []
     topology: list[dict] = []
     start_epoch = 0
@@ -151,13 +155,24 @@ def fit(
                     bar.advance(loss.item(), correct / min(n_train, (b + 1) * config.batch_size))
         train_seconds = time.perf_counter() - started
         test_accuracy = evaluate(model, x_test, y_test)
+        validation = {"validation_accuracy": evaluate(model, x_val, y_val)} if len(y_val) else {}
         per_layer = connections(model)
         live = live_neurons(model)
+
+        guard = {}
+        if config.accuracy_guard is not None:
+            # The guard looks at held-out training data only; the test set never steers training.
+            best = max(row["validation_accuracy"] for row in [*metrics, validation])
+            paused = 100 * (best - validation["validation_accuracy"]) > config.accuracy_guard
+            guard = {"compression_paused": int(paused)}
+            if paused:
+                log(f"compression paused: validation {100 * validation['validation_accuracy']:.2f}% is more than "
+                    f"{config.accuracy_guard} points below its best {100 * best:.2f}%")
 
         rewire_seconds = 0.0
         if rewirer is not None and epoch < config.epochs - 1:  # no rewiring after the last epoch
             started = time.perf_counter()
-            reports = rewirer.step(batch=(xb, yb))
+            reports = rewirer.step(batch=(xb, yb), compress=not guard.get("compression_paused", 0))
             rewire_seconds = time.perf_counter() - started
             topology += [{"epoch": epoch + 1, **r.as_dict()} for r in reports]
 
@@ -166,6 +181,8 @@ def fit(
             "train_loss": loss_sum / n_train,
             "train_accuracy": correct / n_train,  # running accuracy over the epoch (dropout on)
             "test_accuracy": test_accuracy,
+            **validation,
+            **guard,
             "connections": sum(per_layer.values()),
             **{f"connections_{name}": count for name, count in per_layer.items()},
             **{f"live_{i + 1}": count for i, count in enumerate(live)},
@@ -182,8 +199,9 @@ def fit(
             "rewirer": rewirer.state_dict() if rewirer else None, "rng": rng,
             "metrics": metrics, "topology": topology, "config": config.to_dict(),
         })
+        val = f"val {100 * validation['validation_accuracy']:.2f}%  " if validation else ""
         log(f"epoch {epoch + 1}/{config.epochs}  loss {row['train_loss']:.4f}  "
-            f"train {100 * row['train_accuracy']:.2f}%  test {100 * test_accuracy:.2f}%  "
+            f"train {100 * row['train_accuracy']:.2f}%  {val}test {100 * test_accuracy:.2f}%  "
             f"connections {row['connections']:,}  {train_seconds:.1f}s (rewire {rewire_seconds:.2f}s)")
 
     summary = summarize(metrics, model)
@@ -193,6 +211,32 @@ def fit(
     final_info = {"config": config.to_dict(), "sizes": model.sizes, "summary": summary}
     atomic_write(run.final / "config.json", json.dumps(final_info, indent=2))
     return summary
+
+
+def split_validation(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training indices, held-out validation indices) of a training set of ``n`` examples: a
+    seeded random ``fraction`` is held out (none when 0)."""
+    n_val = round(fraction * n)
+    if fraction > 0 and not 1 <= n_val < n:
+        raise ValueError(f"validation_split={fraction} of {n} training examples leaves no validation "
+                         "or no training data")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if n_val else torch.arange(n)
+    return order[: n - n_val].sort().values, order[n - n_val :].sort().values
+
+
+def build_rewirer(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> Rewirer | None:
+    """The Rewirer of a sparse config (``None`` for the dense baseline); rewiring steps are
+    numbered from 0, one after each epoch but the last."""
+    if not config.sparse:
+        return None
+    compression = {}
+    if config.compress_to is not None:
+        first, last = config.compress_epochs
+        compression = {"compress_to": config.compress_to, "compress_scope": config.compress_scope,
+                       "compress_start": first - 1, "compress_end": last - 1}
+    return Rewirer(model, optimizer, prune=config.prune, grow=config.grow, zeta=config.zeta,
+                   zeta_schedule=config.zeta_schedule, total_steps=max(1, config.epochs - 1), seed=config.seed,
+                   **compression, **config.grow_options())
 
 
 def summarize(metrics: list[dict], model: nn.Module) -> dict:
@@ -208,6 +252,7 @@ def summarize(metrics: list[dict], model: nn.Module) -> dict:
         "connections_per_layer": per_layer,
         "dense_weights": dense,
         "density": last["connections"] / dense,
+        "live_neurons": live_neurons(model),
         "seconds_per_epoch": sum(row["epoch_seconds"] for row in metrics) / len(metrics),
     }
 
