@@ -11,6 +11,7 @@ baselines, on PyTorch. The public API::
 
 from synthprune.layers import BACKENDS, CSRLinear, MaskedLinear, SparseLinear
 from synthprune.models import SparseMLP, sparse_layers, sparsify
+from synthprune.residual import ResidualMLP, load_residual, residual_network, save_residual
 from synthprune.rewiring import LayerReport, Rewirer
 from synthprune.strategies import list_strategies, register_grow, register_prune
 from synthprune.topology import TopologyError
@@ -22,14 +23,18 @@ __all__ = [
     "CSRLinear",
     "LayerReport",
     "MaskedLinear",
+    "ResidualMLP",
     "Rewirer",
     "SparseLinear",
     "SparseMLP",
     "TopologyError",
     "__version__",
     "list_strategies",
+    "load_residual",
     "register_grow",
     "register_prune",
+    "residual_network",
+    "save_residual",
     "sparse_layers",
     "sparsify",
 ]

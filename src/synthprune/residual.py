@@ -1,0 +1,286 @@
+"""The residual network (DESIGN §2.5): the compact network that computes what a sparse MLP
+computes, without its dead neurons and unused inputs.
+
+Liveness comes from the wiring, never from weight values (a connection grown at 0 is still a
+connection). Repeated until nothing changes:
+
+* a hidden neuron without outgoing connections is removed (it influences nothing);
+* a hidden neuron without incoming connections outputs the constant ``act(b_i)``: it is folded
+  into the next layer's bias, ``b_next += W_next[:, i] · act(b_i)``, and removed;
+* an input feature without outgoing connections is dropped; the kept indices are recorded.
+
+The result, :class:`ResidualMLP`, takes the original (full) inputs and gives the sparse model's
+eval-mode outputs. :func:`save_residual` / :func:`load_residual` store it as
+``model.safetensors`` + ``config.json``, loadable without any training state.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from itertools import pairwise
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from synthprune.layers import CSRLinear, SparseLinear
+from synthprune.models import ACTIVATIONS
+from synthprune.rundir import atomic_write
+
+__all__ = ["FORMS", "ResidualMLP", "ResidualSummary", "load_residual", "residual_network", "save_residual"]
+
+FORMS = ("csr", "dense")
+FORMAT = "synthprune-residual"
+
+
+@dataclass
+class _Layer:
+    """One linear layer as an edge list over the current neuron numbering (CPU, float64 while
+    folding so the compact network matches to float tolerance)."""
+
+    rows: torch.Tensor  # [nnz] output neuron of each connection
+    cols: torch.Tensor  # [nnz] input neuron of each connection
+    values: torch.Tensor  # [nnz]
+    bias: torch.Tensor  # [n_out]
+
+
+@dataclass
+class ResidualSummary:
+    """Before/after figures of a residual network (all counts exact)."""
+
+    neurons_before: list[int]  # per level: inputs, hidden layers..., outputs
+    neurons_after: list[int]
+    connections_before: list[int]  # per layer
+    connections_after: list[int]
+    parameters_before: int  # connections + biases of the sparse model
+    parameters_after: int
+    dense_parameters: int  # weights + biases of the dense network of the same sizes
+    folded_neurons: int  # hidden neurons without inputs folded into the next bias
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class ResidualMLP(nn.Module):
+    """``x [batch, ...] -> logits [batch, n_out]``: flatten, keep ``kept_inputs``, then the
+    compact layers with the activation between them.
+
+    Attributes:
+        kept_inputs: ``LongTensor[k]`` indices (into the flattened input) of the inputs used.
+        layers: ``nn.ModuleList`` of :class:`CSRLinear` (form ``"csr"``) or ``nn.Linear``
+            (``"dense"``; also any layer with no neuron on one side).
+    """
+
+    def __init__(self, n_features: int, kept_inputs: torch.Tensor, sizes: list[int], activation: str,
+                 forms: list[str]) -> None:
+        super().__init__()
+        if len(forms) != len(sizes) - 1 or not set(forms) <= set(FORMS):
+            raise ValueError(f"forms must give one of {', '.join(FORMS)} per layer, got {forms}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
+        if len(sizes) < 2 or sizes[0] != kept_inputs.numel():
+            raise ValueError(f"sizes {sizes} must start with the number of kept inputs ({kept_inputs.numel()})")
+        self.n_features, self.sizes, self.activation_name = n_features, list(sizes), activation
+        self.register_buffer("kept_inputs", kept_inputs.clone())
+        self.layers = nn.ModuleList(_empty_layer(n_in, n_out, form)
+                                    for n_in, n_out, form in zip(sizes[:-1], sizes[1:], forms, strict=True))
+        self.forms = [_form(layer) for layer in self.layers]
+        self.activation = ACTIVATIONS[activation]()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], -1)
+        if x.shape[1] != self.n_features:
+            raise ValueError(f"expected inputs with {self.n_features} features, got shape {tuple(x.shape)}")
+        x = x.index_select(1, self.kept_inputs)
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = self.activation(x)
+        return x
+
+    def connections(self) -> list[int]:
+        return [_connections(layer) for layer in self.layers]
+
+    def parameters_count(self) -> int:
+        return sum(_connections(layer) + layer.out_features for layer in self.layers)
+
+    def config(self) -> dict:
+        return {"format": FORMAT, "version": 1, "n_features": self.n_features, "sizes": self.sizes,
+                "activation": self.activation_name, "forms": self.forms,
+                "connections": [_connections(layer) for layer in self.layers]}
+
+
+def _form(layer: nn.Module) -> str:
+    return "csr" if isinstance(layer, SparseLinear) else "dense"
+
+
+def _connections(layer: nn.Module) -> int:
+    return layer.nnz if isinstance(layer, SparseLinear) else layer.weight.numel()
+
+
+def _empty_layer(n_in: int, n_out: int, form: str) -> nn.Module:
+    if form == "dense" or n_in == 0 or n_out == 0:  # a layer with no neurons on a side has no wiring to index
+        with warnings.catch_warnings():  # "initializing zero-element tensors": values are filled in after
+            warnings.simplefilter("ignore", UserWarning)
+            return nn.Linear(n_in, n_out)
+    layer = CSRLinear(n_in, n_out, connections=1)
+    layer.set_connections(torch.zeros(0, dtype=torch.long), torch.zeros(0))
+    return layer
+
+
+def _mlp_parts(model: nn.Module) -> tuple[list[nn.Module], str]:
+    """The linear layers of a sequential MLP and its activation's name; dropout is skipped (the
+    residual network is for inference)."""
+    if not isinstance(model, nn.Sequential):
+        raise ValueError("residual_network needs a SparseMLP (or an nn.Sequential of Flatten, linear layers, "
+                         f"activations and dropout), got {type(model).__name__}")
+    linears, activations = [], set()
+    for name, module in model.named_children():
+        if isinstance(module, (SparseLinear, nn.Linear)):
+            linears.append(module)
+        elif isinstance(module, tuple(ACTIVATIONS.values())):
+            activations.add(next(k for k, v in ACTIVATIONS.items() if type(module) is v))
+        elif not isinstance(module, (nn.Flatten, nn.Dropout, nn.Identity)):
+            raise ValueError(f"residual_network cannot fold module {name!r} ({type(module).__name__})")
+    if not linears:
+        raise ValueError("the model has no linear layers")
+    if len(activations) > 1:
+        raise ValueError(f"residual_network needs one activation throughout, found {sorted(activations)}")
+    if len(linears) > 1 and not activations:
+        raise ValueError("the model has several linear layers but no activation between them")
+    return linears, (activations.pop() if activations else "relu")
+
+
+def _edge_list(layer: nn.Module) -> _Layer:
+    with torch.no_grad():
+        if isinstance(layer, SparseLinear):
+            rows, cols = layer.edge_index().cpu()
+            values = layer.connection_values().detach().cpu()
+        else:  # dense: every weight is a connection
+            rows, cols = torch.meshgrid(torch.arange(layer.out_features), torch.arange(layer.in_features),
+                                        indexing="ij")
+            rows, cols, values = rows.reshape(-1), cols.reshape(-1), layer.weight.detach().cpu().reshape(-1)
+        bias = layer.bias.detach().cpu() if layer.bias is not None else torch.zeros(layer.out_features)
+    return _Layer(rows, cols, values.double(), bias.double().clone())
+
+
+@torch.no_grad()
+def residual_network(model: nn.Module, form: str = "csr") -> tuple[ResidualMLP, ResidualSummary]:
+    """The compact network of a trained sparse MLP and what compaction removed.
+
+    ``form="csr"`` makes the sparse layers :class:`CSRLinear`; ``"dense"`` makes them
+    ``nn.Linear`` (e.g. for ONNX export). Dense layers of the model stay dense. Either gives
+    ``model.eval()``'s outputs to float tolerance.
+    """
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; valid: {', '.join(FORMS)}")
+    linears, activation_name = _mlp_parts(model)
+    activation = ACTIVATIONS[activation_name]()
+    layers = [_edge_list(layer) for layer in linears]
+    widths = [linears[0].in_features] + [layer.out_features for layer in linears]
+    alive = [torch.ones(w, dtype=torch.bool) for w in widths]  # per level: inputs, hidden..., outputs
+    before = [int(layer.values.numel()) for layer in layers]
+    folded = 0
+
+    changed = True
+    while changed:
+        changed = False
+        for level in range(1, len(widths) - 1):  # hidden levels, in order: a fold feeds the next level's bias
+            into, out_of = layers[level - 1], layers[level]
+            has_input = torch.bincount(into.rows, minlength=widths[level]) > 0
+            has_output = torch.bincount(out_of.cols, minlength=widths[level]) > 0
+            constant = alive[level] & ~has_input & has_output
+            if constant.any():
+                # A neuron without inputs outputs act(b): add its contribution to the next bias.
+                value = activation(into.bias)
+                moving = constant[out_of.cols]
+                out_of.bias.index_add_(0, out_of.rows[moving], out_of.values[moving] * value[out_of.cols[moving]])
+                folded += int(constant.sum())
+            dead = alive[level] & ~(has_input & has_output)
+            if dead.any():
+                alive[level] &= ~dead
+                _drop_edges(into, keep=~dead[into.rows])
+                _drop_edges(out_of, keep=~dead[out_of.cols])
+                changed = True
+        unused = alive[0] & ~(torch.bincount(layers[0].cols, minlength=widths[0]) > 0)
+        alive[0] &= ~unused  # an input feature feeding nothing is dropped (no edges to remove)
+
+    sizes = [int(a.sum()) for a in alive]
+    forms = [form if isinstance(layer, SparseLinear) else "dense" for layer in linears]
+    residual = ResidualMLP(widths[0], alive[0].nonzero().squeeze(1), sizes, activation_name, forms)
+    dtype = next(model.parameters()).dtype
+    for layer, compact, rows_alive, cols_alive in zip(layers, residual.layers, alive[1:], alive[:-1], strict=True):
+        new_row = torch.cumsum(rows_alive, 0) - 1  # old neuron index -> position among the living
+        new_col = torch.cumsum(cols_alive, 0) - 1
+        rows, cols = new_row[layer.rows], new_col[layer.cols]
+        _fill(compact, rows, cols, layer.values.to(dtype), layer.bias[rows_alive].to(dtype))
+    residual.eval()
+    dense = sum(a * b + b for a, b in pairwise(widths))
+    summary = ResidualSummary(
+        neurons_before=widths, neurons_after=sizes, connections_before=before,
+        connections_after=residual.connections(),
+        parameters_before=sum(before) + sum(widths[1:]), parameters_after=residual.parameters_count(),
+        dense_parameters=dense, folded_neurons=folded,
+    )
+    return residual, summary
+
+
+def _drop_edges(layer: _Layer, keep: torch.Tensor) -> None:
+    layer.rows, layer.cols, layer.values = layer.rows[keep], layer.cols[keep], layer.values[keep]
+
+
+def _fill(layer: nn.Module, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> None:
+    keys = rows * layer.in_features + cols
+    order = torch.argsort(keys)
+    if isinstance(layer, SparseLinear):
+        layer.to(values.dtype)
+        layer.set_connections(keys[order], values[order])
+    else:
+        layer.to(values.dtype)
+        layer.weight.zero_().view(-1)[keys] = values
+    layer.bias.copy_(bias)
+
+
+def save_residual(residual: ResidualMLP, folder: str | Path, extra: dict | None = None) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` (sizes, kept inputs, form, ``extra``)
+    into ``folder``, atomically; returns the folder."""
+    folder = Path(folder)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in residual.state_dict().items()}
+    config = residual.config()
+    atomic_write(folder / "model.safetensors", safetensors_bytes(tensors, metadata={"format": FORMAT}))
+    config["kept_inputs"] = residual.kept_inputs.tolist()
+    config["dtype"] = str(next(t.dtype for t in tensors.values() if t.is_floating_point())).removeprefix("torch.")
+    atomic_write(folder / "config.json", json.dumps({**config, **(extra or {})}, indent=2))
+    return folder
+
+
+def load_residual(path: str | Path, device: str = "cpu") -> ResidualMLP:
+    """Load a network written by :func:`save_residual` (or ``synthprune residual``) for
+    inference: ``path`` is its folder (or a run directory, meaning ``final/residual``)."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file() and (folder / "final" / "residual" / "config.json").is_file():
+        folder = folder / "final" / "residual"
+    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+    for file in (config_path, weights_path):
+        if not file.is_file():
+            raise ValueError(f"{file} not found: write the residual network with `synthprune residual RUN`")
+    try:
+        config = json.loads(config_path.read_text())
+        tensors = load_file(str(weights_path), device=device)
+    except (OSError, ValueError, SafetensorError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"cannot load the residual network in {folder}: {exc}") from exc
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{config_path} is not a synthprune residual network (format {config.get('format')!r})")
+    residual = ResidualMLP(config["n_features"], torch.tensor(config["kept_inputs"], dtype=torch.long),
+                           config["sizes"], config["activation"], config["forms"])
+    residual.to(getattr(torch, config.get("dtype", "float32")))
+    try:
+        residual.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise ValueError(f"{weights_path} does not match {config_path}: {exc}") from exc
+    return residual.to(device).eval()
