@@ -1,6 +1,8 @@
 """The residual network: same outputs as the sparse model, dead neurons removed to a fixed
 point, liveness from the wiring only, save/load."""
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given
@@ -46,7 +48,7 @@ def assert_compact(residual):
         degrees.append((torch.bincount(rows, minlength=layer.out_features),
                         torch.bincount(cols, minlength=layer.in_features)))
     assert (degrees[0][1] > 0).all() or residual.sizes[0] == 0
-    for (into, _), (_, out_of) in zip(degrees, degrees[1:]):
+    for (into, _), (_, out_of) in itertools.pairwise(degrees):
         assert (into > 0).all() and (out_of > 0).all()
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import warnings
-from itertools import pairwise
 from dataclasses import asdict, dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import torch
