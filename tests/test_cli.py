@@ -3,12 +3,14 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import synthprune
 import synthprune.train
 from synthprune.cli import app, main
 from synthprune.train import load_run_model
@@ -218,3 +220,38 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, capsys):
     assert main(["train", *QUICK, "--lr", "1e12", "--out", str(run)]) == 1
     err = capsys.readouterr().err
     assert "loss became" in err and "lower --lr" in err and "Traceback" not in err
+
+
+def test_residual_and_onnx_export_of_a_compressed_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *QUICK, "--compress-to", "0.02", "--no-plots", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["residual", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "neurons: hidden 1" in out and "bytes on disk" in out and "compression vs dense" in out
+    info = json.loads((run / "final" / "residual" / "config.json").read_text())
+    assert info["sizes"][0] == len(info["kept_inputs"]) and info["sizes"][-1] == 10
+    assert info["summary"]["neurons_after"] == info["sizes"]
+
+    model, _ = load_run_model(run)
+    residual = synthprune.load_residual(run)  # a run directory means its final/residual
+    x = torch.randn(50, 64)
+    torch.testing.assert_close(residual(x), model.eval()(x), atol=1e-5, rtol=1e-5)
+
+    pytest.importorskip("onnx", reason="the [onnx] extra is not installed")
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    assert main(["export", str(run), "--onnx"]) == 0
+    session = ort.InferenceSession(str(run / "final" / "residual" / "model.onnx"))
+    for batch in (1, 37):  # the batch dimension is dynamic
+        x = torch.randn(batch, 64)
+        (logits,) = session.run(None, {"input": x.numpy()})
+        np.testing.assert_allclose(logits, residual(x).detach().numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_residual_and_export_refuse_unfinished_runs_and_bad_options(tmp_path, capsys):
+    assert main(["residual", str(tmp_path)]) == 2
+    assert "unfinished run" in capsys.readouterr().err
+    assert main(["export", str(tmp_path)]) == 2
+    assert "--onnx" in capsys.readouterr().err
+    assert main(["residual", str(tmp_path), "--form", "coo"]) == 2
+    assert "unknown form" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The ``synthprune`` command line (typer): train, plot, list.
+"""The ``synthprune`` command line (typer): train, plot, residual, export, list.
 
 Bad input (unknown preset, bad values, unwritable --out, missing data) exits with code 2 and
 one line on stderr, never a traceback. An interrupted run exits 130 and resumes with --resume.
@@ -163,6 +163,63 @@ def plot(
     target = out or (runs[0] / "figures" if len(runs) == 1 else Path("figures"))
     for path in plot_runs(runs, target):
         console.print(f"wrote {path}")
+
+
+@app.command()
+def residual(
+    run: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    form: Annotated[str, typer.Option(help="csr: sparse layers stay sparse (CSRLinear); dense: nn.Linear.")] = "csr",
+) -> None:
+    """Extract the compact residual network of a run into RUN/final/residual/ (model.safetensors
+    + config.json) and show what compaction removed. Load it with synthprune.load_residual."""
+    from synthprune.export import write_residual
+    from synthprune.residual import FORMS
+
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; valid: {', '.join(FORMS)}")
+    files = write_residual(run, form)
+    console.print(residual_table(files))
+    console.print(f"wrote {files.folder}/")
+
+
+def residual_table(files) -> Table:
+    s = files.summary
+    table = Table(title="residual network", caption=f"the dense network: {s.dense_parameters:,} parameters, "
+                                                    f"{files.dense_bytes:,} bytes")
+    for column in ("", "before", "after"):
+        table.add_column(column, justify="right")
+    levels = ["inputs", *[f"hidden {i}" for i in range(1, len(s.neurons_before) - 1)], "outputs"]
+    for level, before, after in zip(levels, s.neurons_before, s.neurons_after, strict=True):
+        table.add_row(f"neurons: {level}", f"{before:,}", f"{after:,}")
+    for i, (before, after) in enumerate(zip(s.connections_before, s.connections_after, strict=True), start=1):
+        table.add_row(f"connections: layer {i}", f"{before:,}", f"{after:,}")
+    table.add_row("connections", f"{sum(s.connections_before):,}", f"{sum(s.connections_after):,}")
+    table.add_row("parameters", f"{s.parameters_before:,}", f"{s.parameters_after:,}")
+    table.add_row("bytes on disk", f"{files.sparse_bytes:,}", f"{files.residual_bytes:,}")
+    table.add_row("compression vs dense: parameters", f"{s.dense_parameters / s.parameters_before:.1f}x",
+                  f"{s.dense_parameters / s.parameters_after:.1f}x")
+    table.add_row("compression vs dense: bytes (float32)", f"{files.dense_bytes / files.sparse_bytes:.1f}x",
+                  f"{files.dense_bytes / files.residual_bytes:.1f}x")
+    if s.folded_neurons:
+        table.add_row("neurons without inputs folded into a bias", "", f"{s.folded_neurons:,}")
+    return table
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    onnx: Annotated[bool, typer.Option("--onnx", help="Write the residual network as ONNX "
+                                                      "(needs: pip install 'synthprune[onnx]').")] = False,
+    out: Annotated[Path | None, typer.Option(help="Output file (default RUN/final/residual/model.onnx).")] = None,
+) -> None:
+    """Export a run's compact residual network for deployment (ONNX, dynamic batch size,
+    input: the flattened features, output: logits)."""
+    from synthprune.export import export_onnx
+
+    if not onnx:
+        raise ValueError("choose a format: --onnx")
+    path = export_onnx(run, out)
+    console.print(f"wrote {path} ({path.stat().st_size:,} bytes)")
 
 
 @app.command(name="list")

@@ -1,0 +1,83 @@
+"""From a finished run to deployable files: the residual network (``final/residual/``) and
+its ONNX export. Used by ``synthprune residual`` and ``synthprune export``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from synthprune.residual import ResidualMLP, ResidualSummary, residual_network, save_residual
+from synthprune.rundir import RunDir
+from synthprune.train import load_run_model
+
+__all__ = ["ResidualFiles", "export_onnx", "write_residual"]
+
+BYTES_PER_WEIGHT = 4  # float32, for the dense network's size
+
+
+@dataclass
+class ResidualFiles:
+    folder: Path
+    summary: ResidualSummary
+    sparse_bytes: int  # the run's final/model.safetensors
+    residual_bytes: int  # final/residual/model.safetensors
+
+    @property
+    def dense_bytes(self) -> int:
+        """What the dense network of the same sizes takes as float32 weights and biases."""
+        return self.summary.dense_parameters * BYTES_PER_WEIGHT
+
+
+def write_residual(run: str | Path, form: str = "csr") -> ResidualFiles:
+    """Build the residual network of a finished run and write ``RUN/final/residual/``."""
+    run_dir = RunDir(run)
+    model, config = load_run_model(run)
+    residual, summary = residual_network(model.eval(), form=form)
+    folder = save_residual(residual, run_dir.final / "residual",
+                           extra={"summary": summary.as_dict(), "trained_with": config.to_dict()})
+    return ResidualFiles(folder, summary, (run_dir.final / "model.safetensors").stat().st_size,
+                         (folder / "model.safetensors").stat().st_size)
+
+
+def export_onnx(run: str | Path, path: str | Path | None = None, opset: int = 18) -> Path:
+    """Write the run's residual network as ONNX (dense layers: ONNX has no sparse matmul that
+    runtimes agree on) with a dynamic batch dimension; returns the file's path. Needs the
+    ``[onnx]`` extra (``onnx``, ``onnxscript``)."""
+    for module in ("onnx", "onnxscript"):
+        try:
+            __import__(module)
+        except ImportError:
+            raise ValueError(f"ONNX export needs the {module!r} package: pip install 'synthprune[onnx]'") from None
+    model, _ = load_run_model(run)
+    residual, _ = residual_network(model.eval(), form="dense")
+    target = Path(path) if path is not None else RunDir(run).final / "residual" / "model.onnx"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _export(residual, target, opset)
+    return target
+
+
+def _export(residual: ResidualMLP, target: Path, opset: int) -> None:
+    example = torch.zeros(2, residual.n_features)
+    tmp = target.with_name(f".{target.name}.tmp")
+    # The exporter logs and warns about things irrelevant here (torchvision ops, pytree
+    # deprecations); keep the command's output to what the user asked for.
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(None):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                residual, (example,), str(tmp), input_names=["input"], output_names=["logits"],
+                dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, opset_version=opset, dynamo=True,
+                external_data=False, verbose=False,
+            )
+        tmp.replace(target)  # atomic: a failed export never leaves a half-written model
+    finally:
+        quiet.setLevel(level)
+        tmp.unlink(missing_ok=True)
