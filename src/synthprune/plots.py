@@ -16,7 +16,7 @@ from synthprune.layers import SparseLinear
 from synthprune.rundir import RunDir
 from synthprune.train import linear_layers, load_run_model
 
-__all__ = ["input_connectivity", "plot_runs"]
+__all__ = ["accuracy_vs_connections", "input_connectivity", "plot_runs"]
 
 
 def input_connectivity(model: torch.nn.Module) -> torch.Tensor:
@@ -80,3 +80,39 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> list[Path]:
             fig.colorbar(shown, ax=ax, fraction=0.046, label="connections per input")
         written.append(_save(fig, out / "input_connectivity.png"))
     return written
+
+
+def accuracy_vs_connections(points: list[dict], path: str | Path, title: str = "") -> Path:
+    """Test accuracy against connections, one line per ``group``, with mean ± std over seeds.
+
+    ``points``: dicts with ``group`` (legend label), ``connections`` and ``accuracy`` (in
+    [0, 1]), optionally ``setting`` (points of a group with the same setting -- seeds -- are
+    averaged; default: the same connections) and ``color``/``marker`` (the group's first
+    point decides).
+    The x axis is logarithmic: compression targets are usually halvings.
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    groups: dict[str, dict[float, list[tuple[float, float]]]] = {}
+    styles: dict[str, dict] = {}
+    for point in points:
+        styles.setdefault(point["group"], {k: point[k] for k in ("color", "marker") if k in point})
+        by_setting = groups.setdefault(point["group"], {})
+        by_setting.setdefault(point.get("setting", point["connections"]), []).append(
+            (point["connections"], 100 * point["accuracy"]))
+    for group, settings in groups.items():
+        xs, ys, errs = [], [], []
+        for values in sorted(settings.values(), key=lambda v: sum(x for x, _ in v)):
+            conns = torch.tensor([x for x, _ in values], dtype=torch.float64)
+            accs = torch.tensor([y for _, y in values], dtype=torch.float64)
+            xs.append(float(conns.mean()))
+            ys.append(float(accs.mean()))
+            errs.append(float(accs.std()) if len(values) > 1 else 0.0)
+        ax.errorbar(xs, ys, yerr=errs, capsize=3, label=group, **{"marker": "o", **styles[group]})
+    ax.set_xscale("log")
+    ax.set_xlabel("connections (log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    return _save(fig, Path(path))
