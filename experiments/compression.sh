@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The compression experiment of docs/RESULTS.md on the reference preset: synthesis, SET and
 # static sparse (whose compression is plain gradual pruning), each at its fixed budget and
-# compressed to 2%, 1% and 0.5% of the sparse layers' dense weights, plus the dense baseline.
+# compressed to 2%, 1%, 0.5% and 0.2% of the sparse layers' dense weights, plus the dense baseline.
 # Finished runs are skipped and interrupted ones resumed, so re-running it adds seeds.
 #   usage: experiments/compression.sh [EPOCHS] [SEEDS...]      (default: 10 epochs, seed 0)
 set -euo pipefail
@@ -12,7 +12,7 @@ PY=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-runs/compression}
 for seed in $SEEDS; do
   for grow in synthesis random none dense; do
-    for target in full 0.02 0.01 0.005; do
+    for target in full 0.02 0.01 0.005 0.002; do
       [[ $grow == dense && $target != full ]] && continue
       run="$OUT/e$EPOCHS/$grow-$target-s$seed"
       [[ -f $run/final/model.safetensors ]] && continue
