@@ -73,6 +73,7 @@ def test_chain_of_dead_neurons_is_folded_and_removed():
     residual, summary = residual_network(model)
     assert residual.sizes == [1, 1, 2, 2]
     assert residual.kept_inputs.tolist() == [1]
+    assert [k.tolist() for k in residual.kept_neurons] == [[1], [1, 2]]  # original indices
     assert summary.folded_neurons == 2  # hidden1[0], then hidden2[0]
     assert_same_function(model, residual, 4)
     assert_compact(residual)
@@ -158,6 +159,7 @@ def test_saved_and_loaded_residual_gives_identical_outputs(tmp_path, form):
     x = torch.randn(9, 20)
     assert torch.equal(loaded(x), residual(x))
     assert loaded.kept_inputs.tolist() == residual.kept_inputs.tolist() and loaded.sizes == residual.sizes
+    assert [k.tolist() for k in loaded.kept_neurons] == [k.tolist() for k in residual.kept_neurons]
 
 
 def test_load_residual_reports_missing_and_corrupt_files(tmp_path):

@@ -2,12 +2,16 @@
 computes, without its dead neurons and unused inputs.
 
 Liveness comes from the wiring, never from weight values (a connection grown at 0 is still a
-connection). Repeated until nothing changes:
+connection). The network keeps exactly the neurons that lie on a path from an input feature to
+an output -- the fixed point of repeating:
 
 * a hidden neuron without outgoing connections is removed (it influences nothing);
 * a hidden neuron without incoming connections outputs the constant ``act(b_i)``: it is folded
   into the next layer's bias, ``b_next += W_next[:, i] · act(b_i)``, and removed;
 * an input feature without outgoing connections is dropped; the kept indices are recorded.
+
+It is computed directly, with one forward and one backward reachability pass
+(:func:`live_masks`), and the constants are folded level by level.
 
 The result, :class:`ResidualMLP`, takes the original (full) inputs and gives the sparse model's
 eval-mode outputs. :func:`save_residual` / :func:`load_residual` store it as
@@ -32,7 +36,9 @@ from synthprune.layers import CSRLinear, SparseLinear
 from synthprune.models import ACTIVATIONS
 from synthprune.rundir import atomic_write
 
-__all__ = ["FORMS", "ResidualMLP", "ResidualSummary", "load_residual", "residual_network", "save_residual"]
+__all__ = [
+    "FORMS", "ResidualMLP", "ResidualSummary", "live_masks", "load_residual", "residual_network", "save_residual",
+]
 
 FORMS = ("csr", "dense")
 FORMAT = "synthprune-residual"
@@ -72,12 +78,14 @@ class ResidualMLP(nn.Module):
 
     Attributes:
         kept_inputs: ``LongTensor[k]`` indices (into the flattened input) of the inputs used.
+        kept_neurons: per hidden level, the indices its neurons had in the original network
+            (what similarity measures compare across runs).
         layers: ``nn.ModuleList`` of :class:`CSRLinear` (form ``"csr"``) or ``nn.Linear``
             (``"dense"``; also any layer with no neuron on one side).
     """
 
     def __init__(self, n_features: int, kept_inputs: torch.Tensor, sizes: list[int], activation: str,
-                 forms: list[str]) -> None:
+                 forms: list[str], kept_neurons: list[torch.Tensor] | None = None) -> None:
         super().__init__()
         if len(forms) != len(sizes) - 1 or not set(forms) <= set(FORMS):
             raise ValueError(f"forms must give one of {', '.join(FORMS)} per layer, got {forms}")
@@ -90,6 +98,10 @@ class ResidualMLP(nn.Module):
         self.layers = nn.ModuleList(_empty_layer(n_in, n_out, form)
                                     for n_in, n_out, form in zip(sizes[:-1], sizes[1:], forms, strict=True))
         self.forms = [_form(layer) for layer in self.layers]
+        self.kept_neurons = [torch.as_tensor(k, dtype=torch.long) for k in kept_neurons] if kept_neurons is not None \
+            else [torch.arange(n) for n in sizes[1:-1]]
+        if [k.numel() for k in self.kept_neurons] != sizes[1:-1]:
+            raise ValueError(f"kept_neurons must list the original index of each hidden neuron, sizes {sizes}")
         self.activation = ACTIVATIONS[activation]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,6 +181,29 @@ def _edge_list(layer: nn.Module) -> _Layer:
     return _Layer(rows, cols, values.double(), bias.double().clone())
 
 
+def live_masks(edges: list[tuple[torch.Tensor, torch.Tensor]], widths: list[int]) -> list[torch.Tensor]:
+    """Which neurons the residual network keeps, from the wiring alone.
+
+    ``edges[l] = (rows, cols)`` of linear layer ``l`` (output, input neuron of each connection),
+    ``widths`` the neurons per level (inputs, hidden..., outputs). A neuron is kept iff it lies
+    on a path from an input feature to an output -- the fixed point of removing neurons without
+    inputs or outputs. Outputs are always kept. Returns one ``[width]`` bool mask per level.
+    """
+    reached, reaching = _reachability(edges, widths)
+    return [reaching[0]] + [a & b for a, b in zip(reached[1:-1], reaching[1:-1], strict=True)] + [reaching[-1]]
+
+
+def _reachability(edges: list[tuple[torch.Tensor, torch.Tensor]], widths: list[int]):
+    """Per level: neurons reachable from an input feature, and neurons that reach an output."""
+    reached = [torch.ones(widths[0], dtype=torch.bool)]
+    for (rows, cols), width in zip(edges, widths[1:], strict=True):
+        reached.append(torch.bincount(rows[reached[-1][cols]], minlength=width) > 0)
+    reaching = [torch.ones(widths[-1], dtype=torch.bool)]
+    for (rows, cols), width in zip(reversed(edges), reversed(widths[:-1]), strict=True):
+        reaching.insert(0, torch.bincount(cols[reaching[0][rows]], minlength=width) > 0)
+    return reached, reaching
+
+
 @torch.no_grad()
 def residual_network(model: nn.Module, form: str = "csr") -> tuple[ResidualMLP, ResidualSummary]:
     """The compact network of a trained sparse MLP and what compaction removed.
@@ -183,42 +218,23 @@ def residual_network(model: nn.Module, form: str = "csr") -> tuple[ResidualMLP, 
     activation = ACTIVATIONS[activation_name]()
     layers = [_edge_list(layer) for layer in linears]
     widths = [linears[0].in_features] + [layer.out_features for layer in linears]
-    alive = [torch.ones(w, dtype=torch.bool) for w in widths]  # per level: inputs, hidden..., outputs
+    reached, reaching = _reachability([(layer.rows, layer.cols) for layer in layers], widths)
+    alive = [reaching[0]] + [a & b for a, b in zip(reached[1:-1], reaching[1:-1], strict=True)] + [reaching[-1]]
+    _fold_constants(layers, widths, reached, activation)
+    folded = sum(int((~a & b).sum()) for a, b in zip(reached[1:-1], reaching[1:-1], strict=True))
     before = [int(layer.values.numel()) for layer in layers]
-    folded = 0
-
-    changed = True
-    while changed:
-        changed = False
-        for level in range(1, len(widths) - 1):  # hidden levels, in order: a fold feeds the next level's bias
-            into, out_of = layers[level - 1], layers[level]
-            has_input = torch.bincount(into.rows, minlength=widths[level]) > 0
-            has_output = torch.bincount(out_of.cols, minlength=widths[level]) > 0
-            constant = alive[level] & ~has_input & has_output
-            if constant.any():
-                # A neuron without inputs outputs act(b): add its contribution to the next bias.
-                value = activation(into.bias)
-                moving = constant[out_of.cols]
-                out_of.bias.index_add_(0, out_of.rows[moving], out_of.values[moving] * value[out_of.cols[moving]])
-                folded += int(constant.sum())
-            dead = alive[level] & ~(has_input & has_output)
-            if dead.any():
-                alive[level] &= ~dead
-                _drop_edges(into, keep=~dead[into.rows])
-                _drop_edges(out_of, keep=~dead[out_of.cols])
-                changed = True
-        unused = alive[0] & ~(torch.bincount(layers[0].cols, minlength=widths[0]) > 0)
-        alive[0] &= ~unused  # an input feature feeding nothing is dropped (no edges to remove)
 
     sizes = [int(a.sum()) for a in alive]
     forms = [form if isinstance(layer, SparseLinear) else "dense" for layer in linears]
-    residual = ResidualMLP(widths[0], alive[0].nonzero().squeeze(1), sizes, activation_name, forms)
+    kept = [a.nonzero().squeeze(1) for a in alive]
+    residual = ResidualMLP(widths[0], kept[0], sizes, activation_name, forms, kept_neurons=kept[1:-1])
     dtype = next(model.parameters()).dtype
     for layer, compact, rows_alive, cols_alive in zip(layers, residual.layers, alive[1:], alive[:-1], strict=True):
-        new_row = torch.cumsum(rows_alive, 0) - 1  # old neuron index -> position among the living
+        keep = rows_alive[layer.rows] & cols_alive[layer.cols]
+        new_row = torch.cumsum(rows_alive, 0) - 1  # old neuron index -> position among the kept
         new_col = torch.cumsum(cols_alive, 0) - 1
-        rows, cols = new_row[layer.rows], new_col[layer.cols]
-        _fill(compact, rows, cols, layer.values.to(dtype), layer.bias[rows_alive].to(dtype))
+        rows, cols = new_row[layer.rows[keep]], new_col[layer.cols[keep]]
+        _fill(compact, rows, cols, layer.values[keep].to(dtype), layer.bias[rows_alive].to(dtype))
     residual.eval()
     dense = sum(a * b + b for a, b in pairwise(widths))
     summary = ResidualSummary(
@@ -230,8 +246,20 @@ def residual_network(model: nn.Module, form: str = "csr") -> tuple[ResidualMLP, 
     return residual, summary
 
 
-def _drop_edges(layer: _Layer, keep: torch.Tensor) -> None:
-    layer.rows, layer.cols, layer.values = layer.rows[keep], layer.cols[keep], layer.values[keep]
+def _fold_constants(
+    layers: list[_Layer], widths: list[int], reached: list[torch.Tensor], activation: nn.Module
+) -> None:
+    """Fold every hidden neuron that no input reaches into the biases of the next level.
+
+    Such a neuron outputs a constant ``c_i = act(b_i + Σ_j w_ij c_j)`` (its inputs, if any, are
+    such constants too), computed level by level; then ``b_k += Σ_i w_ki c_i`` for every neuron
+    it feeds. Changes the biases in ``layers`` in place.
+    """
+    constant = torch.zeros(widths[0], dtype=torch.float64)  # inputs are never constant
+    for level, layer in enumerate(layers, start=1):
+        moving = ~reached[level - 1][layer.cols]
+        layer.bias.index_add_(0, layer.rows[moving], layer.values[moving] * constant[layer.cols[moving]])
+        constant = torch.where(reached[level], torch.zeros_like(layer.bias), activation(layer.bias))
 
 
 def _fill(layer: nn.Module, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> None:
@@ -254,6 +282,7 @@ def save_residual(residual: ResidualMLP, folder: str | Path, extra: dict | None 
     config = residual.config()
     atomic_write(folder / "model.safetensors", safetensors_bytes(tensors, metadata={"format": FORMAT}))
     config["kept_inputs"] = residual.kept_inputs.tolist()
+    config["kept_neurons"] = [k.tolist() for k in residual.kept_neurons]
     config["dtype"] = str(next(t.dtype for t in tensors.values() if t.is_floating_point())).removeprefix("torch.")
     atomic_write(folder / "config.json", json.dumps({**config, **(extra or {})}, indent=2))
     return folder
@@ -287,7 +316,7 @@ def load_residual(path: str | Path, device: str = "cpu") -> ResidualMLP:
     if config.get("format") != FORMAT:
         raise ValueError(f"{config_path} is not a synthprune residual network (format {config.get('format')!r})")
     residual = ResidualMLP(config["n_features"], torch.tensor(config["kept_inputs"], dtype=torch.long),
-                           config["sizes"], config["activation"], config["forms"])
+                           config["sizes"], config["activation"], config["forms"], config.get("kept_neurons"))
     residual.to(getattr(torch, config.get("dtype", "float32")))
     try:
         residual.load_state_dict(tensors)
