@@ -80,12 +80,14 @@ class ResidualMLP(nn.Module):
         kept_inputs: ``LongTensor[k]`` indices (into the flattened input) of the inputs used.
         kept_neurons: per hidden level, the indices its neurons had in the original network
             (what similarity measures compare across runs).
+        original_sizes: the widths of the network it was extracted from.
         layers: ``nn.ModuleList`` of :class:`CSRLinear` (form ``"csr"``) or ``nn.Linear``
             (``"dense"``; also any layer with no neuron on one side).
     """
 
     def __init__(self, n_features: int, kept_inputs: torch.Tensor, sizes: list[int], activation: str,
-                 forms: list[str], kept_neurons: list[torch.Tensor] | None = None) -> None:
+                 forms: list[str], kept_neurons: list[torch.Tensor] | None = None,
+                 original_sizes: list[int] | None = None) -> None:
         super().__init__()
         if len(forms) != len(sizes) - 1 or not set(forms) <= set(FORMS):
             raise ValueError(f"forms must give one of {', '.join(FORMS)} per layer, got {forms}")
@@ -102,6 +104,7 @@ class ResidualMLP(nn.Module):
             else [torch.arange(n) for n in sizes[1:-1]]
         if [k.numel() for k in self.kept_neurons] != sizes[1:-1]:
             raise ValueError(f"kept_neurons must list the original index of each hidden neuron, sizes {sizes}")
+        self.original_sizes = list(original_sizes) if original_sizes is not None else [n_features, *sizes[1:]]
         self.activation = ACTIVATIONS[activation]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,6 +126,7 @@ class ResidualMLP(nn.Module):
 
     def config(self) -> dict:
         return {"format": FORMAT, "version": 1, "n_features": self.n_features, "sizes": self.sizes,
+                "original_sizes": self.original_sizes,
                 "activation": self.activation_name, "forms": self.forms,
                 "connections": [_connections(layer) for layer in self.layers]}
 
@@ -227,7 +231,8 @@ def residual_network(model: nn.Module, form: str = "csr") -> tuple[ResidualMLP, 
     sizes = [int(a.sum()) for a in alive]
     forms = [form if isinstance(layer, SparseLinear) else "dense" for layer in linears]
     kept = [a.nonzero().squeeze(1) for a in alive]
-    residual = ResidualMLP(widths[0], kept[0], sizes, activation_name, forms, kept_neurons=kept[1:-1])
+    residual = ResidualMLP(widths[0], kept[0], sizes, activation_name, forms, kept_neurons=kept[1:-1],
+                           original_sizes=widths)
     dtype = next(model.parameters()).dtype
     for layer, compact, rows_alive, cols_alive in zip(layers, residual.layers, alive[1:], alive[:-1], strict=True):
         keep = rows_alive[layer.rows] & cols_alive[layer.cols]
@@ -316,7 +321,8 @@ def load_residual(path: str | Path, device: str = "cpu") -> ResidualMLP:
     if config.get("format") != FORMAT:
         raise ValueError(f"{config_path} is not a synthprune residual network (format {config.get('format')!r})")
     residual = ResidualMLP(config["n_features"], torch.tensor(config["kept_inputs"], dtype=torch.long),
-                           config["sizes"], config["activation"], config["forms"], config.get("kept_neurons"))
+                           config["sizes"], config["activation"], config["forms"], config.get("kept_neurons"),
+                           config.get("original_sizes"))
     residual.to(getattr(torch, config.get("dtype", "float32")))
     try:
         residual.load_state_dict(tensors)

@@ -1,0 +1,294 @@
+"""How alike two sparse networks' wirings are (DESIGN §2.6).
+
+Both networks are reduced to their **residual sub-networks** (the neurons on an input-to-output
+path, :func:`synthprune.residual.live_masks`) in the original neuron numbering, then compared
+layer by layer:
+
+* ``node_jaccard``: Jaccard index of the layer's input-side neurons that have a connection
+  (for the first layer: which input features survive; their identity is fixed);
+* ``edge_jaccard`` = ``|E∩E'| / |E∪E'|`` and ``edge_overlap`` = ``|E∩E'| / min(|E|, |E'|)``,
+  **raw**: meaningful when the runs share their initial network (two strategies, one seed);
+* with ``match="hungarian"``, the same two **after matching hidden neurons** across the runs:
+  from the input layer up, each hidden neuron of B is paired with one of A by
+  ``scipy.optimize.linear_sum_assignment`` on the normalised edit distance of their input sets
+  (``1 − Jaccard``, inputs already matched); and ``nnstd``, the mean distance of the matched
+  pairs (Liu et al. 2020's Neural Network Sparse Topology Distance; pairs of two neurons
+  without inputs are left out). Meaningful across seeds, where neuron numbering is arbitrary.
+
+Similarities are in [0, 1] (1: identical), ``nnstd`` in [0, 1] (0: identical). "Overall"
+figures pool the sparse layers; a dense layer's wiring is fixed by design, not learnt, so it is
+reported per layer but left out of the overall figures.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse import csr_matrix
+from torch import nn
+
+from synthprune.layers import SparseLinear
+from synthprune.residual import FORMAT as RESIDUAL_FORMAT
+from synthprune.residual import ResidualMLP, live_masks, load_residual
+
+__all__ = [
+    "MATCHES", "LayerSimilarity", "Similarity", "Structure", "load_snapshot", "save_snapshot", "similarity",
+    "structure_of",
+]
+
+MATCHES = ("none", "hungarian")
+
+
+@dataclass
+class Structure:
+    """A network's wiring: ``widths`` per level (inputs, hidden..., outputs) and, per linear
+    layer, its connections as sorted keys ``row * n_in + col`` in the original numbering."""
+
+    name: str
+    widths: list[int]
+    keys: list[torch.Tensor]
+    sparse: list[bool]  # learnt wiring (SparseLinear) or dense by design
+    layer_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.layer_names:
+            self.layer_names = [f"fc{i}" for i in range(1, len(self.keys) + 1)]
+
+    def edges(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n_in = self.widths[layer]
+        return self.keys[layer] // n_in, self.keys[layer] % n_in
+
+    def residual(self) -> Structure:
+        """The same structure restricted to neurons on an input-to-output path."""
+        alive = live_masks([self.edges(i) for i in range(len(self.keys))], self.widths)
+        keys = []
+        for i in range(len(self.keys)):
+            rows, cols = self.edges(i)
+            keys.append(self.keys[i][alive[i + 1][rows] & alive[i][cols]])
+        return Structure(self.name, self.widths, keys, self.sparse, self.layer_names)
+
+
+@dataclass
+class LayerSimilarity:
+    layer: str
+    sparse: bool
+    connections_a: int
+    connections_b: int
+    node_jaccard: float
+    edge_jaccard: float
+    edge_overlap: float
+    matched_edge_jaccard: float | None = None
+    matched_edge_overlap: float | None = None
+    nnstd: float | None = None
+
+
+@dataclass
+class Similarity:
+    """Per-layer and overall similarity of two networks (see the module docstring)."""
+
+    a: str
+    b: str
+    match: str
+    layers: list[LayerSimilarity]
+    input_jaccard: float
+    edge_jaccard: float
+    edge_overlap: float
+    matched_edge_jaccard: float | None = None
+    matched_edge_overlap: float | None = None
+    nnstd: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- structures
+
+
+def _model_structure(model: nn.Module, name: str) -> Structure:
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseLinear, nn.Linear))]
+    if not linears:
+        raise ValueError(f"{name} has no linear layers")
+    widths = [linears[0][1].in_features] + [m.out_features for _, m in linears]
+    keys = []
+    for _, layer in linears:
+        if isinstance(layer, SparseLinear):
+            keys.append(layer.keys().cpu())
+        else:
+            keys.append(torch.arange(layer.in_features * layer.out_features))
+    return Structure(name, widths, keys, [isinstance(m, SparseLinear) for _, m in linears], [n for n, _ in linears])
+
+
+def _residual_structure(net: ResidualMLP, name: str) -> Structure:
+    """A saved residual network, mapped back to its original neuron numbering."""
+    kept = [net.kept_inputs.cpu(), *(k.cpu() for k in net.kept_neurons), torch.arange(net.sizes[-1])]
+    widths = list(net.original_sizes)
+    keys, sparse = [], []
+    for i, layer in enumerate(net.layers):
+        if isinstance(layer, SparseLinear):
+            rows, cols = layer.edge_index().cpu()
+        else:
+            rows = torch.arange(layer.out_features).repeat_interleave(layer.in_features)
+            cols = torch.arange(layer.in_features).repeat(layer.out_features)
+        keys.append(torch.sort(kept[i + 1][rows] * widths[i] + kept[i][cols]).values)
+        sparse.append(net.forms[i] == "csr")
+    return Structure(name, widths, keys, sparse)
+
+
+def structure_of(source: nn.Module | str | Path | Structure, residual: bool = True) -> Structure:
+    """The (residual) wiring of a model, a run directory, a saved residual network folder, or
+    a topology snapshot file (``train --save-topology-every``)."""
+    if isinstance(source, Structure):
+        structure = source
+    elif isinstance(source, nn.Module):
+        structure = (_residual_structure(source, type(source).__name__) if isinstance(source, ResidualMLP)
+                     else _model_structure(source, type(source).__name__))
+    else:
+        path = Path(source)
+        if path.is_file() and path.suffix == ".safetensors":
+            structure = load_snapshot(path)
+        elif (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get(
+                "format") == RESIDUAL_FORMAT:
+            structure = _residual_structure(load_residual(path), str(path))
+        else:
+            from synthprune.train import load_run_model  # training code only for run directories
+
+            model, _ = load_run_model(path)
+            structure = _model_structure(model, str(path))
+            structure.name = str(path)
+    return structure.residual() if residual else structure
+
+
+def save_snapshot(model: nn.Module, path: str | Path, epoch: int) -> Path:
+    """Write the model's wiring alone (no weights): one int32/int64 key tensor per layer."""
+    structure = _model_structure(model, "")
+    tensors = {}
+    for name, keys, sparse, n_in, n_out in zip(structure.layer_names, structure.keys, structure.sparse,
+                                               structure.widths[:-1], structure.widths[1:], strict=True):
+        if sparse:
+            tensors[name] = keys.to(torch.int32 if n_in * n_out < 2**31 else torch.int64).contiguous()
+    metadata = {"format": "synthprune-topology", "epoch": str(epoch), "widths": json.dumps(structure.widths),
+                "layers": json.dumps(structure.layer_names), "sparse": json.dumps(structure.sparse)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def load_snapshot(path: str | Path) -> Structure:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata() or {}
+    if metadata.get("format") != "synthprune-topology":
+        raise ValueError(f"{path} is not a synthprune topology snapshot")
+    tensors = load_file(str(path))
+    widths, names, sparse = (json.loads(metadata[k]) for k in ("widths", "layers", "sparse"))
+    keys = [tensors[name].long() if is_sparse else torch.arange(n_in * n_out)
+            for name, is_sparse, n_in, n_out in zip(names, sparse, widths[:-1], widths[1:], strict=True)]
+    return Structure(f"{path} (epoch {metadata['epoch']})", widths, keys, sparse, names)
+
+
+# --------------------------------------------------------------------------- measures
+
+
+def _jaccard(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, int]:
+    """(Jaccard, overlap coefficient, intersection) of two sorted unique key sets."""
+    both = int(np.intersect1d(a.numpy(), b.numpy(), assume_unique=True).size)
+    union = a.numel() + b.numel() - both
+    smaller = min(a.numel(), b.numel())
+    return (both / union if union else 1.0), (both / smaller if smaller else float(union == 0)), both
+
+
+def _adjacency(keys: torch.Tensor, n_in: int, n_out: int, cols_map: np.ndarray | None = None) -> csr_matrix:
+    rows, cols = (keys // n_in).numpy(), (keys % n_in).numpy()
+    if cols_map is not None:
+        cols = cols_map[cols]
+    return csr_matrix((np.ones(rows.size, dtype=np.float64), (rows, cols)), shape=(n_out, n_in))
+
+
+def _match_layer(a_keys, b_keys, n_in, n_out, b_cols_to_a) -> tuple[np.ndarray, float]:
+    """Pair B's output neurons with A's by minimum total normalised edit distance of their input
+    sets; returns (``b_to_a[j]`` = the A neuron of B's neuron j, mean matched distance)."""
+    adj_a = _adjacency(a_keys, n_in, n_out)
+    adj_b = _adjacency(b_keys, n_in, n_out, b_cols_to_a)
+    both = (adj_a @ adj_b.T).toarray()  # [n_out, n_out] shared inputs of A's i and B's j
+    size_a = np.asarray(adj_a.sum(1)).ravel()
+    size_b = np.asarray(adj_b.sum(1)).ravel()
+    union = size_a[:, None] + size_b[None, :] - both
+    distance = np.where(union > 0, 1.0 - both / np.maximum(union, 1), 0.0)
+    a_index, b_index = linear_sum_assignment(distance)
+    b_to_a = np.empty(n_out, dtype=np.int64)
+    b_to_a[b_index] = a_index
+    counted = union[a_index, b_index] > 0  # leave out pairs of two neurons without inputs
+    return b_to_a, float(distance[a_index, b_index][counted].mean()) if counted.any() else 0.0
+
+
+def similarity(a, b, match: str = "hungarian", residual: bool = True) -> Similarity:
+    """Similarity of two networks' wirings (models, run directories, residual folders or
+    snapshots; see the module docstring). Raises ``ValueError`` for different architectures."""
+    if match not in MATCHES:
+        raise ValueError(f"unknown match {match!r}; valid: {', '.join(MATCHES)}")
+    sa, sb = structure_of(a, residual), structure_of(b, residual)
+    if sa.widths != sb.widths:
+        raise ValueError(f"{sa.name} has layer sizes {sa.widths} but {sb.name} has {sb.widths}: "
+                         "similarity needs the same architecture")
+    layers = []
+    totals = {"both": 0, "a": 0, "b": 0, "matched_both": 0}
+    cols_to_a = np.arange(sa.widths[0])  # input features: identity is fixed
+    for i, name in enumerate(sa.layer_names):
+        n_in, n_out = sa.widths[i], sa.widths[i + 1]
+        nodes_a = torch.unique(sa.keys[i] % n_in)
+        nodes_b = torch.unique(sb.keys[i] % n_in)
+        node_jaccard, _, _ = _jaccard(nodes_a, nodes_b)
+        edge_jaccard, edge_overlap, both = _jaccard(sa.keys[i], sb.keys[i])
+        result = LayerSimilarity(name, sa.sparse[i] or sb.sparse[i], sa.keys[i].numel(), sb.keys[i].numel(),
+                                 node_jaccard, edge_jaccard, edge_overlap)
+        if match == "hungarian":
+            last = i == len(sa.layer_names) - 1
+            if last:  # the outputs keep their identity; only their inputs are renumbered
+                rows_to_a = np.arange(n_out)
+                distance = _matched_distance(sa.keys[i], sb.keys[i], n_in, n_out, cols_to_a)
+            else:
+                rows_to_a, distance = _match_layer(sa.keys[i], sb.keys[i], n_in, n_out, cols_to_a)
+            rows, cols = (sb.keys[i] // n_in).numpy(), (sb.keys[i] % n_in).numpy()
+            mapped = torch.from_numpy(np.sort(rows_to_a[rows] * n_in + cols_to_a[cols]))
+            result.matched_edge_jaccard, result.matched_edge_overlap, matched_both = _jaccard(sa.keys[i], mapped)
+            result.nnstd = distance
+            cols_to_a = rows_to_a
+            if result.sparse:
+                totals["matched_both"] += matched_both
+        if result.sparse:
+            totals["both"] += both
+            totals["a"] += sa.keys[i].numel()
+            totals["b"] += sb.keys[i].numel()
+        layers.append(result)
+
+    def pooled(both: int) -> tuple[float, float]:
+        union = totals["a"] + totals["b"] - both
+        smaller = min(totals["a"], totals["b"])
+        return (both / union if union else 1.0), (both / smaller if smaller else 1.0)
+
+    overall = Similarity(sa.name, sb.name, match, layers, layers[0].node_jaccard, *pooled(totals["both"]))
+    if match == "hungarian":
+        overall.matched_edge_jaccard, overall.matched_edge_overlap = pooled(totals["matched_both"])
+        sparse_distances = [layer.nnstd for layer in layers if layer.sparse]
+        overall.nnstd = float(np.mean(sparse_distances)) if sparse_distances else 0.0
+    return overall
+
+
+def _matched_distance(a_keys, b_keys, n_in, n_out, b_cols_to_a) -> float:
+    """Mean normalised edit distance of same-numbered output neurons (no matching)."""
+    adj_a = _adjacency(a_keys, n_in, n_out)
+    adj_b = _adjacency(b_keys, n_in, n_out, b_cols_to_a)
+    both = np.asarray(adj_a.multiply(adj_b).sum(1)).ravel()
+    union = np.asarray(adj_a.sum(1)).ravel() + np.asarray(adj_b.sum(1)).ravel() - both
+    counted = union > 0
+    return float((1.0 - both[counted] / union[counted]).mean()) if counted.any() else 0.0
