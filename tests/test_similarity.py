@@ -86,3 +86,43 @@ def test_residual_comparison_ignores_dead_neurons():
         keys = torch.cat([fc1.keys(), torch.tensor(free[:1])]).sort().values
         fc1.set_connections(keys, torch.ones(keys.numel()))
     assert similarity(a, b).edge_jaccard == 1.0
+
+
+def test_similarity_command(tmp_path, capsys):
+    import json
+
+    from synthprune.cli import main
+
+    quick = ["train", "--preset", "digits-mlp", "--epochs", "3", "--quiet", "--no-plots"]
+    for seed in (0, 1):
+        out = str(tmp_path / f"r{seed}")
+        assert main([*quick, "--seed", str(seed), "--save-topology-every", "1", "--out", out]) == 0
+    capsys.readouterr()
+    r0, r1 = str(tmp_path / "r0"), str(tmp_path / "r1")
+    assert main(["similarity", r0, r1]) == 0
+    assert "NNSTD" in capsys.readouterr().out
+    assert main(["similarity", r0, r1, "--json", "--match", "none"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "", captured.err
+    result = json.loads(captured.out)
+    assert result["matched_edge_jaccard"] is None and 0 <= result["edge_jaccard"] <= 1
+    assert main(["similarity", r0, r1, r0, "--out", str(tmp_path / "m")]) == 0
+    rows = (tmp_path / "m" / "similarity.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[1].split(",")[1] == "1.000000"  # r0 with itself
+    assert (tmp_path / "m" / "similarity.png").is_file()
+    capsys.readouterr()
+    assert main(["similarity", r0, "--over-epochs", "--json"]) == 0
+    epochs = json.loads(capsys.readouterr().out)
+    assert [row["epoch"] for row in epochs] == [0, 1, 2, 3] and epochs[-1]["vs_final"] == 1.0
+    assert main(["similarity", r0]) == 2
+    assert "two or more runs" in capsys.readouterr().err
+    assert main(["train", "--preset", "digits-mlp", "--epochs", "1", "--quiet", "--no-plots", "--epsilon", "2",
+                 "--config", str(_hidden(tmp_path)), "--out", str(tmp_path / "other")]) == 0
+    assert main(["similarity", r0, str(tmp_path / "other")]) == 2
+    assert "similarity needs the same architecture" in capsys.readouterr().err
+
+
+def _hidden(tmp_path):
+    path = tmp_path / "hidden.yaml"
+    path.write_text("hidden: [64, 32]\n")
+    return path

@@ -107,6 +107,8 @@ def train(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or mps.")] = None,
     limit_train: Annotated[int | None, typer.Option(help="Train on the first N examples only.")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Folder with the Fashion-MNIST IDX files.")] = None,
+    save_topology_every: Annotated[int | None, typer.Option(
+        help="Save the wiring every N epochs to RUN/topology/ (for similarity --over-epochs); 0: never.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<preset>-<grow>-s<seed>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar or per-epoch lines.")] = False,
@@ -121,7 +123,7 @@ def train(
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, backend=backend, device=device,
         limit_train=limit_train, data_dir=str(data_dir) if data_dir else None, compress_to=compress_to,
         compress_scope=compress_scope, compress_start=compress_start, compress_end=compress_end,
-        accuracy_guard=accuracy_guard, validation_split=validation_split,
+        accuracy_guard=accuracy_guard, validation_split=validation_split, save_topology_every=save_topology_every,
     )
     if resume:
         given = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
@@ -220,6 +222,82 @@ def export(
         raise ValueError("choose a format: --onnx")
     path = export_onnx(run, out)
     console.print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+
+
+@app.command(name="similarity")
+def similarity_command(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories, residual network folders or topology "
+                                                    "snapshots (two: a table; more: a matrix).")],
+    match: Annotated[str, typer.Option(help="hungarian: also match hidden neurons across the networks "
+                                            "(for different seeds); none: raw only.")] = "hungarian",
+    residual: Annotated[bool, typer.Option(help="Compare residual sub-networks (neurons on an input-output "
+                                                "path) rather than the whole wiring.")] = True,
+    over_epochs: Annotated[bool, typer.Option(help="One run with itself over its saved snapshots "
+                                                   "(train --save-topology-every N).")] = False,
+    measure: Annotated[str | None, typer.Option(
+        help="Matrix entry for several runs (default matched_edge_jaccard, or edge_jaccard with --match none).",
+    )] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Folder for the matrix CSV and heatmap (several runs; "
+                                                  "default ./similarity).")] = None,
+) -> None:
+    """How alike the wirings of trained networks are: node and edge Jaccard, overlap, and after
+    matching hidden neurons, NNSTD (Liu et al. 2020). Overall figures pool the sparse layers."""
+    import json
+
+    from synthprune import similarity as sim
+
+    if over_epochs:
+        if len(runs) != 1:
+            raise ValueError("--over-epochs takes one run directory")
+        rows = sim.over_epochs(runs[0], residual=residual)
+        if json_output:
+            print(json.dumps(rows, indent=2))
+            return
+        table = Table(title=f"{runs[0]}: wiring over epochs (edge Jaccard)")
+        for column in ("epoch", "vs previous snapshot", "vs final"):
+            table.add_column(column, justify="right")
+        for row in rows:
+            previous = "" if row["vs_previous"] is None else f"{row['vs_previous']:.3f}"
+            table.add_row(str(row["epoch"]), previous, f"{row['vs_final']:.3f}")
+        console.print(table)
+        return
+    if len(runs) < 2:
+        raise ValueError("give two or more runs to compare (or one run with --over-epochs)")
+    if len(runs) == 2:
+        result = sim.similarity(runs[0], runs[1], match=match, residual=residual)
+        if json_output:
+            print(json.dumps(result.as_dict(), indent=2))
+        else:
+            console.print(similarity_table(result))
+        return
+    folder = out or Path("similarity")
+    written = sim.write_matrix(runs, folder, match=match, residual=residual, measure=measure)
+    for path in written:
+        console.print(f"wrote {path}")
+
+
+def similarity_table(result) -> Table:
+    matched = result.match == "hungarian"
+    table = Table(title=f"{result.a}  vs  {result.b}", caption="overall: pooled over the sparse layers")
+    columns = ["layer", "connections", "node Jaccard", "edge Jaccard", "overlap"]
+    if matched:
+        columns += ["matched Jaccard", "matched overlap", "NNSTD"]
+    for column in columns:
+        table.add_column(column, justify="right")
+    fmt = lambda v: "" if v is None else f"{v:.3f}"
+    for layer in result.layers:
+        row = [layer.layer + ("" if layer.sparse else " (dense)"),
+               f"{layer.connections_a:,} / {layer.connections_b:,}",
+               fmt(layer.node_jaccard), fmt(layer.edge_jaccard), fmt(layer.edge_overlap)]
+        if matched:
+            row += [fmt(layer.matched_edge_jaccard), fmt(layer.matched_edge_overlap), fmt(layer.nnstd)]
+        table.add_row(*row)
+    row = ["overall", "", f"inputs {fmt(result.input_jaccard)}", fmt(result.edge_jaccard), fmt(result.edge_overlap)]
+    if matched:
+        row += [fmt(result.matched_edge_jaccard), fmt(result.matched_edge_overlap), fmt(result.nnstd)]
+    table.add_row(*row, style="bold")
+    return table
 
 
 @app.command(name="list")

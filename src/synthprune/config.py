@@ -56,6 +56,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 2e-4
     seed: int = 0  # seeds the model, data order, dropout and rewiring
+    save_topology_every: int = 0  # save the wiring (topology/epoch-NNNN.safetensors) every N epochs; 0: never
     device: str = "cpu"  # cpu | cuda | cuda:N | mps
 
     @property
@@ -105,6 +106,7 @@ class TrainConfig:
             ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("limit_train", self.limit_train is None or self.limit_train >= 1, ">= 1"),
+            ("save_topology_every", self.save_topology_every >= 0, ">= 0"),
             ("hidden", len(self.hidden) >= 1 and all(int(h) >= 1 for h in self.hidden), "a list of widths >= 1"),
             ("validation_split", self.validation_split is None or 0 <= self.validation_split < 1, "in [0, 1)"),
             ("accuracy_guard", self.accuracy_guard is None or self.accuracy_guard > 0, "> 0 (accuracy points)"),

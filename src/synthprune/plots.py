@@ -16,7 +16,7 @@ from synthprune.layers import SparseLinear
 from synthprune.rundir import RunDir
 from synthprune.train import linear_layers, load_run_model
 
-__all__ = ["accuracy_vs_connections", "input_connectivity", "plot_runs"]
+__all__ = ["accuracy_vs_connections", "input_connectivity", "plot_runs", "similarity_heatmap"]
 
 
 def input_connectivity(model: torch.nn.Module) -> torch.Tensor:
@@ -115,4 +115,22 @@ def accuracy_vs_connections(points: list[dict], path: str | Path, title: str = "
         ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
+    return _save(fig, Path(path))
+
+
+def similarity_heatmap(names: list[str], matrix, measure: str, path: str | Path) -> Path:
+    """A pairwise similarity matrix as a heatmap with the values written in the cells."""
+    n = len(names)
+    size = max(4.0, 0.55 * n + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+    labels = [Path(name).name or name for name in names]
+    ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), labels, fontsize=8)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="black" if matrix[i][j] > 0.6 else "white")
+    fig.colorbar(image, ax=ax, label=measure.replace("_", " "))
     return _save(fig, Path(path))

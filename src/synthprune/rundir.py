@@ -51,6 +51,11 @@ class RunDir:
         self.checkpoint = self.root / "checkpoint.pt"
         self.final = self.root / "final"
         self.figures = self.root / "figures"
+        self.snapshots = self.root / "topology"
+
+    def snapshot(self, epoch: int) -> Path:
+        """Where ``train --save-topology-every`` writes the wiring after ``epoch`` (0: initial)."""
+        return self.snapshots / f"epoch-{epoch:04d}.safetensors"
 
     def is_finished(self) -> bool:
         return (self.final / "model.safetensors").is_file()

@@ -38,11 +38,12 @@ from synthprune.residual import FORMAT as RESIDUAL_FORMAT
 from synthprune.residual import ResidualMLP, live_masks, load_residual
 
 __all__ = [
-    "MATCHES", "LayerSimilarity", "Similarity", "Structure", "load_snapshot", "save_snapshot", "similarity",
-    "structure_of",
+    "MATCHES", "MEASURES", "LayerSimilarity", "Similarity", "Structure", "load_snapshot", "over_epochs",
+    "save_snapshot", "similarity", "similarity_matrix", "structure_of", "write_matrix",
 ]
 
 MATCHES = ("none", "hungarian")
+MEASURES = ("input_jaccard", "edge_jaccard", "edge_overlap", "matched_edge_jaccard", "matched_edge_overlap", "nnstd")
 
 
 @dataclass
@@ -292,3 +293,67 @@ def _matched_distance(a_keys, b_keys, n_in, n_out, b_cols_to_a) -> float:
     union = np.asarray(adj_a.sum(1)).ravel() + np.asarray(adj_b.sum(1)).ravel() - both
     counted = union > 0
     return float((1.0 - both[counted] / union[counted]).mean()) if counted.any() else 0.0
+
+
+# --------------------------------------------------------------------------- many networks
+
+
+def similarity_matrix(sources: list, match: str = "hungarian", residual: bool = True,
+                      measure: str | None = None) -> tuple[list[str], np.ndarray]:
+    """(names, ``[n, n]`` matrix of ``measure``) over every pair of ``sources``; each network
+    is loaded once."""
+    measure = measure or ("matched_edge_jaccard" if match == "hungarian" else "edge_jaccard")
+    if measure not in MEASURES:
+        raise ValueError(f"unknown measure {measure!r}; valid: {', '.join(MEASURES)}")
+    if match == "none" and (measure.startswith("matched") or measure == "nnstd"):
+        raise ValueError(f"measure {measure!r} needs --match hungarian")
+    structures = [structure_of(source, residual) for source in sources]
+    n = len(structures)
+    matrix = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            if j < i:
+                matrix[i, j] = matrix[j, i]
+            else:
+                value = getattr(similarity(structures[i], structures[j], match, residual=False), measure)
+                matrix[i, j] = value
+    return [s.name for s in structures], matrix
+
+
+def write_matrix(sources: list, folder: str | Path, match: str = "hungarian", residual: bool = True,
+                 measure: str | None = None) -> list[Path]:
+    """``similarity.csv`` and ``similarity.png`` (a heatmap) of every pair of ``sources``."""
+    import csv
+    import io
+
+    from synthprune.plots import similarity_heatmap
+    from synthprune.rundir import atomic_write
+
+    measure = measure or ("matched_edge_jaccard" if match == "hungarian" else "edge_jaccard")
+    names, matrix = similarity_matrix(sources, match, residual, measure)
+    folder = Path(folder)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow([measure, *names])
+    for name, row in zip(names, matrix, strict=True):
+        writer.writerow([name, *(f"{v:.6f}" for v in row)])
+    atomic_write(folder / "similarity.csv", buffer.getvalue())
+    return [folder / "similarity.csv", similarity_heatmap(names, matrix, measure, folder / "similarity.png")]
+
+
+def over_epochs(run: str | Path, residual: bool = True) -> list[dict]:
+    """How settled a run's wiring is: edge Jaccard of each saved snapshot with the previous one
+    and with the last one (same run: neuron identities are fixed, no matching)."""
+    from synthprune.rundir import RunDir
+
+    snapshots = sorted(RunDir(run).snapshots.glob("epoch-*.safetensors"))
+    if not snapshots:
+        raise ValueError(f"{run} has no topology snapshots: train with --save-topology-every N")
+    structures = [structure_of(path, residual) for path in snapshots]
+    rows = []
+    for k, current in enumerate(structures):
+        epoch = int(snapshots[k].stem.removeprefix("epoch-"))
+        previous = similarity(structures[k - 1], current, "none", residual=False).edge_jaccard if k else None
+        final = similarity(current, structures[-1], "none", residual=False).edge_jaccard
+        rows.append({"epoch": epoch, "vs_previous": previous, "vs_final": final})
+    return rows

@@ -26,6 +26,7 @@ from synthprune.layers import SparseLinear
 from synthprune.models import SparseMLP
 from synthprune.rewiring import Rewirer
 from synthprune.rundir import RunDir, atomic_write
+from synthprune.similarity import save_snapshot
 
 __all__ = [
     "TrainingError", "build_model", "build_rewirer", "fit", "linear_layers", "live_neurons", "load_run_model",
@@ -128,6 +129,8 @@ def fit(
         metrics, topology, start_epoch = state["metrics"], state["topology"], state["epoch"]
         log(f"resuming {run.root} after epoch {start_epoch}")
 
+    if config.save_topology_every and config.sparse and start_epoch == 0:
+        save_snapshot(model, run.snapshot(0), epoch=0)
     n_train = len(y_train)
     batches = math.ceil(n_train / config.batch_size)
     for epoch in range(start_epoch, config.epochs):
@@ -169,6 +172,9 @@ def fit(
                 log(f"compression paused: validation {100 * validation['validation_accuracy']:.2f}% is more than "
                     f"{config.accuracy_guard} points below its best {100 * best:.2f}%")
 
+        if config.save_topology_every and config.sparse and (
+                (epoch + 1) % config.save_topology_every == 0 or epoch == config.epochs - 1):
+            save_snapshot(model, run.snapshot(epoch + 1), epoch=epoch + 1)  # the wiring this epoch trained
         rewire_seconds = 0.0
         if rewirer is not None and epoch < config.epochs - 1:  # no rewiring after the last epoch
             started = time.perf_counter()
