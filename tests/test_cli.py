@@ -255,3 +255,15 @@ def test_residual_and_export_refuse_unfinished_runs_and_bad_options(tmp_path, ca
     assert "--onnx" in capsys.readouterr().err
     assert main(["residual", str(tmp_path), "--form", "coo"]) == 2
     assert "unknown form" in capsys.readouterr().err
+
+
+def test_yaml_numbers_in_exponent_notation_are_numbers(tmp_path, capsys):
+    # Regression: PyYAML reads `1e-3` as a string; validation then failed with a TypeError.
+    from synthprune.config import load_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: 1e-3\nweight_decay: 5e-4\n")
+    assert load_config("digits-mlp", config).lr == 0.001
+    config.write_text("lr: fast\n")
+    assert main(["train", "--preset", "digits-mlp", "--config", str(config), "--quiet"]) == 2
+    assert "lr must be a number, got 'fast'" in capsys.readouterr().err

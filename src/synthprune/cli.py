@@ -1,4 +1,4 @@
-"""The ``synthprune`` command line (typer): train, plot, residual, export, list.
+"""The ``synthprune`` command line (typer): train, sweep, plot, residual, export, similarity, list.
 
 Bad input (unknown preset, bad values, unwritable --out, missing data) exits with code 2 and
 one line on stderr, never a traceback. An interrupted run exits 130 and resumes with --resume.
@@ -6,6 +6,7 @@ one line on stderr, never a traceback. An interrupted run exits 130 and resumes 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -222,6 +223,68 @@ def export(
         raise ValueError("choose a format: --onnx")
     path = export_onnx(run, out)
     console.print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+
+
+@app.command()
+def sweep(
+    out: Annotated[Path, typer.Option(help="Folder for the runs (OUT/<config>-s<seed>/), sweep.csv and summary.md.")],
+    spec: Annotated[Path | None, typer.Option(
+        help="A sweep YAML file: preset, seeds, common, and named `runs`.")] = None,
+    preset: Annotated[str | None, typer.Option(help=f"Starting configuration: {', '.join(PRESETS)}.")] = None,
+    grow: Annotated[str | None, typer.Option(help="Comma-separated grow strategies (and `dense` for the dense "
+                                                  "baseline), e.g. none,random,synthesis.")] = None,
+    compress_to: Annotated[str | None, typer.Option(help="Comma-separated compression targets; `full` = none, "
+                                                         "e.g. full,0.01.")] = None,
+    set_values: Annotated[list[str] | None, typer.Option("--set", help="KEY=V1,V2: another axis of the grid, "
+                                                                       "e.g. --set endpoint=cdf,tail.")] = None,
+    seeds: Annotated[str | None, typer.Option(help="Seeds, e.g. 0-4 or 0,1,2 (default 0).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs of every run.")] = None,
+    jobs: Annotated[int | None, typer.Option(help="Runs at a time (default: the number of CPU cores).")] = None,
+) -> None:
+    """Run a grid (grow strategies x compression targets x --set axes x seeds) or a sweep file,
+    one worker process per run. Finished runs are skipped and interrupted ones resumed, so
+    re-running a sweep completes it; a failed run is reported and the others go on."""
+    from synthprune.experiments import grid, load_spec, parse_seeds, plan, run_sweep
+
+    common: dict = {}
+    seed_list = None
+    if spec is not None:
+        if grow or compress_to or set_values:
+            raise ValueError("give either --spec or the grid flags (--grow, --compress-to, --set), not both")
+        common, configs, seed_list = load_spec(spec)
+        preset = preset or common.pop("preset", None)
+        common.pop("preset", None)
+    else:
+        configs = grid(_split(grow), _split(compress_to), set_values or [])
+    if seeds is not None:
+        seed_list = parse_seeds(seeds)
+    if epochs is not None:
+        common["epochs"] = epochs
+    runs = plan(configs, seed_list or [0], out, preset, common)
+    console.print(f"sweep: {len(configs)} configurations x {len(seed_list or [0])} seeds = {len(runs)} runs -> {out}")
+    progress = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, transient=True)
+    task = progress.add_task("runs", total=len(runs))
+
+    def done(result, action: str) -> None:
+        verb = {"skipped": "already finished", "finished": "resumed and finished" if action == "resume"
+                else "finished", "failed": "FAILED"}[result.status]
+        detail = (f": {result.error}" if result.error else
+                  f"  test {100 * result.summary['final_test_accuracy']:.2f}%  "
+                  f"connections {result.summary['connections']:,}")
+        progress.console.print(f"{result.run.label} {verb}{detail}", highlight=False)
+        progress.advance(task)
+
+    with progress if console.is_terminal else contextlib.nullcontext():
+        results = run_sweep(runs, out, jobs, on_done=done)
+    failed = [r for r in results if r.status == "failed"]
+    console.print(f"wrote {out}/sweep.csv and {out}/summary.md" + (f"; {len(failed)} run(s) failed" if failed else ""))
+    if failed:
+        raise typer.Exit(1)
+
+
+def _split(text: str | None) -> list[str]:
+    return [item.strip() for item in (text or "").split(",") if item.strip()]
 
 
 @app.command(name="similarity")

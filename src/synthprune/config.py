@@ -152,6 +152,17 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def _number(name: str, value) -> float:
+    """A float setting: ints and numeric strings too -- YAML 1.1 (PyYAML) reads ``1e-3`` as a
+    string, and users write it that way."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
 def _from_dict(values: dict) -> TrainConfig:
     valid = [f.name for f in dataclasses.fields(TrainConfig)]
     unknown = sorted(set(values) - set(valid))
@@ -161,8 +172,8 @@ def _from_dict(values: dict) -> TrainConfig:
     for name, value in values.items():
         if value is None:
             continue
-        if types[name] in ("float", "float | None") and isinstance(value, int) and not isinstance(value, bool):
-            values[name] = float(value)
+        if types[name] in ("float", "float | None"):
+            values[name] = _number(name, value)
         elif types[name] in ("int", "int | None") and not (isinstance(value, int) and not isinstance(value, bool)):
             raise ValueError(f"{name} must be an integer, got {value!r}")
     return TrainConfig(**values).validate()

@@ -1,0 +1,261 @@
+"""Sweeps: many training runs (configurations × seeds) as separate worker processes.
+
+A sweep is a list of named configurations, each run for every seed into
+``OUT/<name>-s<seed>/``. Each run is ``synthprune train`` in its own process, so a crash, a
+NaN or a kill hurts that run only. Re-running the same sweep skips finished runs and resumes
+interrupted ones from their checkpoints. The results go to ``OUT/sweep.csv`` (one row per run)
+and ``OUT/summary.md`` (mean ± std over seeds per configuration).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from synthprune.config import TrainConfig, load_config
+from synthprune.rundir import RunDir, atomic_write
+
+__all__ = ["RunResult", "SweepRun", "grid", "load_spec", "plan", "run_sweep", "summarize_sweep"]
+
+
+@dataclass
+class SweepRun:
+    name: str  # the configuration's name, shared by its seeds
+    seed: int
+    config: TrainConfig
+    out: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}-s{self.seed}"
+
+
+@dataclass
+class RunResult:
+    run: SweepRun
+    status: str  # finished | skipped (finished before) | failed
+    error: str = ""
+    summary: dict = field(default_factory=dict)
+
+
+def _parse_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-4"`` -> [0, 1, 2, 3, 4]; ``"0,2,7"`` -> [0, 2, 7]."""
+    seeds: list[int] = []
+    try:
+        for part in _parse_list(text):
+            low, _, high = part.partition("-")
+            seeds += list(range(int(low), int(high) + 1)) if high else [int(low)]
+    except ValueError:
+        raise ValueError(f"seeds must look like 0-4 or 0,1,2, got {text!r}") from None
+    if not seeds:
+        raise ValueError("no seeds given")
+    return sorted(set(seeds))
+
+
+def grid(grow: list[str], compress_to: list[str], settings: list[str]) -> dict[str, dict]:
+    """Named configurations for the product of grow strategies, compression targets (``full``
+    = none) and ``KEY=V1,V2`` settings. ``grow`` may hold ``dense`` (the dense baseline)."""
+    axes: list[list[tuple[str, str]]] = [[("grow", g) for g in grow] or [("grow", "synthesis")],
+                                         [("compress_to", c) for c in compress_to] or [("compress_to", "full")]]
+    for setting in settings:
+        key, sep, values = setting.partition("=")
+        if not sep or not key.strip() or not _parse_list(values):
+            raise ValueError(f"--set takes KEY=V1,V2,..., got {setting!r}")
+        axes.append([(key.strip().replace("-", "_"), v) for v in _parse_list(values)])
+    configs: dict[str, dict] = {}
+    for combination in itertools.product(*axes):
+        overrides: dict = {}
+        parts = []
+        for key, value in combination:
+            if key == "grow" and value == "dense":
+                overrides["backend"] = "dense"
+                parts.append("dense")
+            elif key == "grow":
+                overrides["grow"] = value
+                parts.append(value)
+            elif key == "compress_to":
+                if value != "full":
+                    overrides["compress_to"] = value
+                    parts.append(f"c{value}")
+            else:
+                overrides[key] = yaml.safe_load(value)
+                parts.append(f"{key}={value}")
+        if overrides.get("backend") == "dense" and "compress_to" in overrides:
+            continue  # the dense baseline is not compressed
+        configs["-".join(parts)] = overrides
+    return configs
+
+
+def load_spec(path: str | Path) -> tuple[dict, dict[str, dict], list[int] | None]:
+    """A sweep file: ``preset``, ``seeds``, common settings under ``common`` and named
+    configurations under ``runs`` (each a mapping of settings)."""
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read sweep file {path}: {exc}") from exc
+    if not isinstance(spec, dict) or not isinstance(spec.get("runs"), dict) or not spec["runs"]:
+        raise ValueError(f"{path} must be a mapping with a non-empty `runs:` mapping of named configurations")
+    seeds = spec.get("seeds")
+    if seeds is not None:
+        seeds = parse_seeds(",".join(map(str, seeds)) if isinstance(seeds, list) else str(seeds))
+    common = {"preset": spec.get("preset"), **(spec.get("common") or {})}
+    return common, {str(k): dict(v or {}) for k, v in spec["runs"].items()}, seeds
+
+
+def plan(configs: dict[str, dict], seeds: list[int], out: str | Path, preset: str | None = None,
+         common: dict | None = None) -> list[SweepRun]:
+    """One :class:`SweepRun` per configuration and seed; every config is validated first, so a
+    typo fails the sweep before anything runs."""
+    runs = []
+    for name, overrides in configs.items():
+        for seed in seeds:
+            values = {**(common or {}), **overrides, "seed": seed}
+            try:
+                config = load_config(preset, None, **values)
+            except ValueError as exc:
+                raise ValueError(f"configuration {name!r}: {exc}") from None
+            runs.append(SweepRun(name, seed, config, Path(out) / f"{name}-s{seed}"))
+    return runs
+
+
+def _prepare(run: SweepRun, specs: Path) -> tuple[list[str] | None, str]:
+    """The ``synthprune train`` arguments for a run (``None``: already finished) and what
+    happens to it (start, resume, skip)."""
+    run_dir = RunDir(run.out)
+    wanted = run.config.to_dict()
+    if run_dir.config.exists():
+        saved = run_dir.read_config()
+        if saved != wanted:
+            differ = sorted(k for k in wanted if saved.get(k) != wanted[k])
+            raise ValueError(f"{run.out} holds a run with other settings ({', '.join(differ)}); "
+                             "move it away or choose another --out")
+        if run_dir.is_finished():
+            return None, "skip"
+        if run_dir.checkpoint.exists():
+            return ["--resume", "--out", str(run.out)], "resume"
+        shutil.rmtree(run.out)  # killed before its first epoch ended: nothing to keep
+    spec = specs / f"{run.label}.yaml"
+    atomic_write(spec, yaml.safe_dump(wanted, sort_keys=False))
+    return ["--config", str(spec), "--out", str(run.out)], "start"
+
+
+def _train(args: list[str], threads: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    return subprocess.run([sys.executable, "-m", "synthprune", "train", *args, "--quiet", "--no-plots"],
+                          capture_output=True, text=True, env=env)
+
+
+def run_sweep(runs: list[SweepRun], out: str | Path, jobs: int | None = None,
+              on_done: Callable[[RunResult, str], None] | None = None) -> list[RunResult]:
+    """Run every run (``jobs`` at a time, default: the CPU count), then write ``sweep.csv``
+    and ``summary.md`` into ``out``. A failed run is reported in its result, never raised."""
+    out = Path(out)
+    jobs = max(1, jobs or os.cpu_count() or 1)
+    threads = max(1, (os.cpu_count() or 1) // jobs)  # workers share the cores, not oversubscribe
+    specs = out / ".sweep"
+    prepared = [(run, *_prepare(run, specs)) for run in runs]  # all checks before any work
+    results: list[RunResult] = []
+
+    def execute(run: SweepRun, args: list[str] | None, action: str) -> tuple[RunResult, str]:
+        if args is None:
+            return RunResult(run, "skipped", summary=_summary(run)), action
+        process = _train(args, threads)
+        if process.returncode != 0:
+            lines = (process.stderr or process.stdout).strip().splitlines()
+            return RunResult(run, "failed", error=lines[-1] if lines else f"exit {process.returncode}"), action
+        return RunResult(run, "finished", summary=_summary(run)), action
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(execute, *item) for item in prepared]
+        for future in as_completed(futures):
+            result, action = future.result()
+            results.append(result)
+            if on_done:
+                on_done(result, action)
+    order = {run.label: i for i, run in enumerate(runs)}
+    results.sort(key=lambda r: order[r.run.label])
+    write_results(results, out)
+    return results
+
+
+def _summary(run: SweepRun) -> dict:
+    """What the sweep tables need from a finished run, residual network included."""
+    import json
+
+    from synthprune.residual import residual_network
+    from synthprune.train import load_run_model
+
+    info = json.loads((RunDir(run.out).final / "config.json").read_text())
+    model, _ = load_run_model(run.out)
+    _, residual = residual_network(model.eval())
+    summary = info["summary"]
+    return {
+        "final_test_accuracy": summary["final_test_accuracy"], "best_test_accuracy": summary["best_test_accuracy"],
+        "connections": summary["connections"], "compression": summary["dense_weights"] / summary["connections"],
+        "residual_connections": sum(residual.connections_after),
+        "live_neurons": residual.neurons_after[1:-1], "seconds_per_epoch": summary["seconds_per_epoch"],
+    }
+
+
+def write_results(results: list[RunResult], out: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["config", "seed", "status", "final_test_accuracy", "best_test_accuracy", "connections",
+                     "compression", "residual_connections", "live_neurons", "seconds_per_epoch", "run", "error"])
+    for r in results:
+        s = r.summary
+        writer.writerow([r.run.name, r.run.seed, r.status, s.get("final_test_accuracy", ""),
+                         s.get("best_test_accuracy", ""), s.get("connections", ""), s.get("compression", ""),
+                         s.get("residual_connections", ""), "/".join(map(str, s.get("live_neurons", []))),
+                         s.get("seconds_per_epoch", ""), str(r.run.out), r.error])
+    atomic_write(out / "sweep.csv", buffer.getvalue())
+    atomic_write(out / "summary.md", summarize_sweep(results))
+
+
+def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{scale * values[0]:.{digits}f}"
+    return f"{scale * statistics.mean(values):.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
+
+
+def summarize_sweep(results: list[RunResult]) -> str:
+    """A Markdown table: per configuration, mean ± std over its finished seeds."""
+    lines = ["| configuration | seeds | final test acc % | best test acc % | connections | compression "
+             "| residual connections | live neurons per hidden layer | s / epoch |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    names = list(dict.fromkeys(r.run.name for r in results))
+    failed = [r for r in results if r.status == "failed"]
+    for name in names:
+        done = [r.summary for r in results if r.run.name == name and r.summary]
+        if not done:
+            lines.append(f"| {name} | 0 | – | – | – | – | – | – | – |")
+            continue
+        column = {key: [s[key] for s in done] for key in done[0]}
+        live = " / ".join(f"{statistics.mean(level):,.0f}" for level in zip(*column["live_neurons"], strict=True))
+        lines.append(
+            f"| {name} | {len(done)} | {_mean_std(column['final_test_accuracy'], 100)} "
+            f"| {_mean_std(column['best_test_accuracy'], 100)} "
+            f"| {statistics.mean(column['connections']):,.0f} | {statistics.mean(column['compression']):.1f}× "
+            f"| {statistics.mean(column['residual_connections']):,.0f} | {live} "
+            f"| {_mean_std(column['seconds_per_epoch'], 1, 1)} |")
+    if failed:
+        lines += ["", "Failed runs:", ""] + [f"- `{r.run.out}`: {r.error}" for r in failed]
+    return "\n".join(lines) + "\n"

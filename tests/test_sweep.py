@@ -1,0 +1,95 @@
+"""Sweeps: grids, failing runs that do not stop the others, resumption, skipping."""
+
+import csv
+
+import pytest
+
+import synthprune.train
+from synthprune.cli import main
+from synthprune.experiments import grid, parse_seeds, plan, run_sweep
+from synthprune.rundir import RunDir
+from synthprune.train import fit
+
+
+def test_seeds_and_grid():
+    assert parse_seeds("0-2,5") == [0, 1, 2, 5]
+    with pytest.raises(ValueError, match="seeds"):
+        parse_seeds("a-b")
+    configs = grid(["random", "dense"], ["full", "0.01"], ["endpoint=cdf,tail"])
+    assert set(configs) == {"random-endpoint=cdf", "random-endpoint=tail", "random-c0.01-endpoint=cdf",
+                            "random-c0.01-endpoint=tail", "dense-endpoint=cdf", "dense-endpoint=tail"}
+    assert configs["random-c0.01-endpoint=tail"] == {"grow": "random", "compress_to": "0.01", "endpoint": "tail"}
+    assert configs["dense-endpoint=cdf"]["backend"] == "dense"
+    with pytest.raises(ValueError, match="KEY=V1,V2"):
+        grid(["random"], [], ["endpoint"])
+
+
+def test_bad_configuration_fails_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match="configuration 'x': zeta must be in"):
+        plan({"x": {"zeta": 3.0}}, [0], tmp_path, "digits-mlp")
+    assert not any(tmp_path.iterdir())
+
+
+def read(path):
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_a_failing_run_is_reported_and_does_not_stop_the_others(tmp_path, capsys):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text("preset: digits-mlp\nseeds: [0]\ncommon: {epochs: 2}\n"
+                    "runs:\n  ok: {grow: random}\n  exploding: {lr: 1.0e12}\n  also-ok: {grow: synthesis}\n")
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--spec", str(spec), "--out", str(out), "--jobs", "2"]) == 1
+    rows = {row["config"]: row for row in read(out / "sweep.csv")}
+    assert rows["ok"]["status"] == rows["also-ok"]["status"] == "finished"
+    assert rows["exploding"]["status"] == "failed" and "loss became" in rows["exploding"]["error"]
+    summary = (out / "summary.md").read_text()
+    assert "| ok | 1 |" in summary and "Failed runs:" in summary
+    assert "1 run(s) failed" in capsys.readouterr().out
+
+
+def test_rerun_resumes_interrupted_runs_and_skips_finished_ones(tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    runs = plan({"synthesis": {"epochs": 3}}, [0, 1, 2], out, "digits-mlp")
+    # seed 0: interrupted after epoch 1 (a killed worker leaves its checkpoint);
+    # seed 1: killed before its first checkpoint (config.yaml only); seed 2: finished earlier.
+    real, calls = synthprune.train.evaluate, []
+
+    def evaluate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synthprune.train, "evaluate", evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        fit(runs[0].config, runs[0].out, log=lambda line: None)
+    monkeypatch.undo()
+    RunDir(runs[1].out).prepare(runs[1].config.to_dict(), resume=False)
+    fit(runs[2].config, runs[2].out, log=lambda line: None)
+
+    actions = {}
+    results = run_sweep(runs, out, jobs=2, on_done=lambda r, action: actions.__setitem__(r.run.seed, action))
+    assert actions == {0: "resume", 1: "start", 2: "skip"}
+    assert [r.status for r in results] == ["finished", "finished", "skipped"]
+    for run in runs:
+        assert len(read(run.out / "metrics.csv")) == 3
+
+    uninterrupted = tmp_path / "whole"
+    fit(runs[0].config, uninterrupted, log=lambda line: None)
+    # The worker ran with other thread counts than this process: equal up to float rounding.
+    numbers = lambda rows: [{k: float(v) for k, v in row.items() if "seconds" not in k} for row in rows]
+    resumed, whole = numbers(read(runs[0].out / "metrics.csv")), numbers(read(uninterrupted / "metrics.csv"))
+    assert [row.keys() for row in resumed] == [row.keys() for row in whole]
+    for a, b in zip(resumed, whole, strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_an_existing_run_with_other_settings_is_not_overwritten(tmp_path):
+    out = tmp_path / "sweep"
+    (run,) = plan({"a": {"epochs": 1}}, [0], out, "digits-mlp")
+    fit(run.config, run.out, log=lambda line: None)
+    (changed,) = plan({"a": {"epochs": 2}}, [0], out, "digits-mlp")
+    with pytest.raises(ValueError, match="holds a run with other settings"):
+        run_sweep([changed], out)
