@@ -9,7 +9,7 @@ EPOCHS=${1:-10}
 shift || true
 SEEDS=${*:-0}
 PY=${PYTHON:-.venv/bin/python}
-OUT=${OUT:-runs/compression}
+OUT=${OUT:-runs/reference}
 for seed in $SEEDS; do
   for grow in synthesis random none dense; do
     for target in full 0.02 0.01 0.005 0.002; do

@@ -2,7 +2,7 @@
 on stdout and the accuracy-vs-connections figure for docs/RESULTS.md.
 
     python experiments/compression_report.py [RUNS_FOLDER] [FIGURE]
-    (default: runs/compression/e10 and docs/figures/compression.png)
+    (default: runs/reference/e10 and docs/figures/compression.png)
 """
 
 from __future__ import annotations
@@ -82,5 +82,5 @@ def main(folder: Path, figure: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/compression/e10"),
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/reference/e10"),
          Path(sys.argv[2]) if len(sys.argv) > 2 else Path("docs/figures/compression.png"))
