@@ -93,3 +93,31 @@ def test_an_existing_run_with_other_settings_is_not_overwritten(tmp_path):
     (changed,) = plan({"a": {"epochs": 2}}, [0], out, "digits-mlp")
     with pytest.raises(ValueError, match="holds a run with other settings"):
         run_sweep([changed], out)
+
+
+def test_a_sweep_killed_mid_run_resumes_from_the_checkpoint(tmp_path):
+    # A real kill: SIGKILL the sweep and its workers once a run has checkpointed an epoch.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sweep"
+    args = [sys.executable, "-m", "synthprune", "sweep", "--preset", "digits-mlp", "--grow", "random",
+            "--seeds", "0", "--epochs", "60", "--jobs", "1", "--out", str(out)]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint = out / "random-s0" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists() and not (out / "random-s0" / "final").exists(), "the run finished before the kill"
+    epochs_done = len(read(out / "random-s0" / "metrics.csv"))
+
+    (run,) = plan({"random": {"grow": "random", "epochs": 60}}, [0], out, "digits-mlp")
+    actions = {}
+    (result,) = run_sweep([run], out, on_done=lambda r, action: actions.__setitem__("random", action))
+    assert actions == {"random": "resume"} and result.status == "finished"
+    assert len(read(out / "random-s0" / "metrics.csv")) == 60 > epochs_done
