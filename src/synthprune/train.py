@@ -162,16 +162,7 @@ def fit(
         per_layer = connections(model)
         live = live_neurons(model)
 
-        guard = {}
-        if config.accuracy_guard is not None:
-            # The guard looks at held-out training data only; the test set never steers training.
-            best = max(row["validation_accuracy"] for row in [*metrics, validation])
-            paused = 100 * (best - validation["validation_accuracy"]) > config.accuracy_guard
-            guard = {"compression_paused": int(paused)}
-            if paused:
-                log(f"compression paused: validation {100 * validation['validation_accuracy']:.2f}% is more than "
-                    f"{config.accuracy_guard} points below its best {100 * best:.2f}%")
-
+        guard = accuracy_guard(config.accuracy_guard, metrics, validation, log)
         if config.save_topology_every and config.sparse and (
                 (epoch + 1) % config.save_topology_every == 0 or epoch == config.epochs - 1):
             save_snapshot(model, run.snapshot(epoch + 1), epoch=epoch + 1)  # the wiring this epoch trained
@@ -217,6 +208,20 @@ def fit(
     final_info = {"config": config.to_dict(), "sizes": model.sizes, "summary": summary}
     atomic_write(run.final / "config.json", json.dumps(final_info, indent=2))
     return summary
+
+
+def accuracy_guard(points: float | None, metrics: list[dict], validation: dict, log: Callable[[str], None]) -> dict:
+    """``{"compression_paused": 0|1}`` (``{}`` without a guard): pause shrinking while this
+    epoch's validation accuracy is more than ``points`` below the best so far. It looks at
+    held-out training data only; the test set never steers training."""
+    if points is None:
+        return {}
+    best = max(row["validation_accuracy"] for row in [*metrics, validation])
+    paused = 100 * (best - validation["validation_accuracy"]) > points
+    if paused:
+        log(f"compression paused: validation {100 * validation['validation_accuracy']:.2f}% is more than "
+            f"{points} points below its best {100 * best:.2f}%")
+    return {"compression_paused": int(paused)}
 
 
 def split_validation(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
