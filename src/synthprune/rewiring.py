@@ -160,6 +160,9 @@ class Rewirer:
 
     def __repr__(self) -> str:
         opts = "".join(f", {k}={v!r}" for k, v in self.strategy_options.items())
+        if self.compressing:
+            opts += (f", compress_to={self.compress_to!r}, compress_scope={self.compress_scope!r}, "
+                     f"compress_steps={self.compress_start}..{self.compress_end}")
         return (f"Rewirer(prune={self.prune!r}, grow={self.grow!r}, zeta={self.zeta}, "
                 f"zeta_schedule={self.zeta_schedule!r}, layers={len(self.layers)}{opts})")
 
