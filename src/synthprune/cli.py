@@ -363,6 +363,72 @@ def similarity_table(result) -> Table:
     return table
 
 
+@app.command()
+def bench(
+    quick: Annotated[bool, typer.Option(help="Small sizes and few repeats: a smoke test, not figures.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    memory: Annotated[bool, typer.Option(help="Measure peak training memory (a fresh process each).")] = True,
+) -> None:
+    """Measure the backends on the reference MLP: training epoch time (dense, masked, csr at
+    ε = 20 and 5), rewiring step per strategy, csr scaling with width, inference latency
+    (dense, csr, residual network) and peak training memory. Contenders alternate within one
+    process and medians are reported, so the ratios hold on a noisy machine."""
+    import json
+
+    from synthprune.bench import BenchSettings, run_bench
+
+    settings = BenchSettings.quick() if quick else BenchSettings()
+    settings.memory = memory
+    log = (lambda line: print(line, file=sys.stderr)) if json_output else (lambda line: console.print(f"[dim]{line}"))
+    result = run_bench(settings, log)
+    if json_output:
+        print(json.dumps(result, indent=2))
+        return
+    for table in bench_tables(result):
+        console.print(table)
+
+
+def bench_tables(r: dict) -> list[Table]:
+    tables = []
+    t = Table(title=f"training epoch ({r['settings']['batches_per_epoch']} batches of {r['settings']['batch']}), "
+                    "seconds", caption=f"{r['machine']['threads']} threads, torch {r['machine']['torch']}")
+    for column in ("ε", "connections (csr)", "dense", "masked", "csr", "dense / csr", "masked / csr"):
+        t.add_column(column, justify="right")
+    for row in r["training"].values():
+        e = row["epoch_seconds"]
+        t.add_row(f"{row['epsilon']:g}", f"{row['connections']['csr']:,}", f"{e['dense']:.2f}", f"{e['masked']:.2f}",
+                  f"{e['csr']:.2f}", f"{row['dense_over_csr']:.2f}x", f"{row['masked_over_csr']:.2f}x")
+    tables.append(t)
+    t = Table(title="rewiring step (csr, ε = 20)")
+    for column in ("strategy", "seconds", "share of a csr epoch"):
+        t.add_column(column, justify="right")
+    for grow, row in r["rewiring"].items():
+        t.add_row(grow, f"{row['seconds']:.3f}", f"{100 * row['share_of_epoch']:.2f}%")
+    tables.append(t)
+    t = Table(title="csr scaling (3 hidden layers, ε = 20, synthesis rewiring)")
+    for column in ("width", "connections", "train step s", "rewire step s", "train µs / 1k connections"):
+        t.add_column(column, justify="right")
+    for width, row in r["scaling"].items():
+        t.add_row(f"{int(width):,}", f"{row['connections']:,}", f"{row['train_step_seconds']:.4f}",
+                  f"{row['rewire_step_seconds']:.3f}", f"{1e9 * row['train_step_seconds'] / row['connections']:.1f}")
+    tables.append(t)
+    inference = r["inference"]
+    t = Table(title="inference latency, ms", caption="residual: the compact network of a csr MLP compressed to 1%")
+    for column in ("batch", *(f"{k} ({v:,} conn.)" for k, v in inference["connections"].items())):
+        t.add_column(column, justify="right")
+    for batch in (1, 256):
+        t.add_row(str(batch), *(f"{v:.3f}" for v in inference[f"batch{batch}_ms"].values()))
+    tables.append(t)
+    if r.get("memory_bytes"):
+        m = r["memory_bytes"]
+        t = Table(title="peak training memory (ε = 20)")
+        for column in ("dense MB", "masked MB", "csr MB", "csr / dense"):
+            t.add_column(column, justify="right")
+        t.add_row(*(f"{m[k] / 2**20:.1f}" for k in ("dense", "masked", "csr")), f"{m['csr_over_dense']:.2f}")
+        tables.append(t)
+    return tables
+
+
 @app.command(name="list")
 def list_things() -> None:
     """Presets, datasets, backends and strategies (with their options)."""

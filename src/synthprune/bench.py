@@ -1,0 +1,220 @@
+"""``synthprune bench``: how fast and how small the backends are, measured honestly.
+
+Every comparison runs its contenders in one process, on the same inputs, alternating them
+round by round, and reports medians -- so a noisy, shared machine slows all sides alike and the
+*ratios* stay meaningful. Timings use random inputs of the reference shapes (the values do not
+change the work), so no dataset is needed. Peak memory is measured per contender in a fresh
+process (the operating system's peak resident size), since allocations are not returned to it.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from synthprune.layers import SparseLinear
+from synthprune.models import SparseMLP
+from synthprune.residual import residual_network
+from synthprune.rewiring import Rewirer
+
+__all__ = ["BenchSettings", "run_bench"]
+
+TRAIN_EXAMPLES = 60_000  # Fashion-MNIST's training set: what "an epoch" means here
+
+
+@dataclass
+class BenchSettings:
+    sizes: tuple[int, ...] = (784, 1000, 1000, 1000, 10)
+    batch: int = 128
+    timed_batches: int = 20  # per contender per round
+    rounds: int = 5
+    epsilons: tuple[float, ...] = (20.0, 5.0)
+    widths: tuple[int, ...] = (1000, 4000, 16000)
+    latency_calls: int = 100
+    memory: bool = True
+
+    @classmethod
+    def quick(cls) -> BenchSettings:
+        return cls(sizes=(784, 128, 128, 10), timed_batches=2, rounds=2, widths=(128, 512), latency_calls=5)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-TRAIN_EXAMPLES // self.batch)
+
+
+def _mlp(sizes, backend: str, epsilon: float | None, seed: int = 0) -> nn.Module:
+    if backend == "dense":
+        return SparseMLP(sizes, density=1.0, seed=seed)  # every layer an nn.Linear
+    return SparseMLP(sizes, epsilon=epsilon, backend=backend, seed=seed)
+
+
+def _connections(model: nn.Module) -> int:
+    return sum(m.nnz if isinstance(m, SparseLinear) else m.weight.numel()
+               for m in model.modules() if isinstance(m, (SparseLinear, nn.Linear)))
+
+
+def _train_step(model, optimizer, x, y) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+def _alternate(contenders: dict[str, Callable[[], None]], rounds: int, repeat: int) -> dict[str, float]:
+    """Median seconds per call of each contender, the contenders alternating round by round."""
+    for fn in contenders.values():  # warm-up: first-call allocations, caches
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            for _ in range(repeat):
+                fn()
+            samples[name].append((time.perf_counter() - start) / repeat)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def bench_training(s: BenchSettings, log: Callable[[str], None]) -> dict:
+    """Seconds per training epoch (forward, backward, optimizer step) per backend and ε."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(s.batch, s.sizes[0], generator=generator)
+    y = torch.randint(0, s.sizes[-1], (s.batch,), generator=generator)
+    result = {}
+    for epsilon in s.epsilons:
+        log(f"training step, ε = {epsilon:g}: dense vs masked vs csr")
+        contenders, sizes = {}, {}
+        for backend in ("dense", "masked", "csr"):
+            model = _mlp(s.sizes, backend, epsilon)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            contenders[backend] = lambda m=model, o=optimizer: _train_step(m, o, x, y)
+            sizes[backend] = _connections(model)
+        seconds = _alternate(contenders, s.rounds, s.timed_batches)
+        result[f"eps{epsilon:g}"] = {
+            "epsilon": epsilon, "connections": sizes,
+            "epoch_seconds": {b: t * s.batches_per_epoch for b, t in seconds.items()},
+            "dense_over_csr": seconds["dense"] / seconds["csr"], "masked_over_csr": seconds["masked"] / seconds["csr"],
+        }
+    return result
+
+
+def bench_rewiring(s: BenchSettings, epoch_seconds: float, log: Callable[[str], None]) -> dict:
+    """One rewiring step per strategy on the csr MLP at ε = 20, as a share of a csr epoch."""
+    log("rewiring step per strategy (csr, ε = 20)")
+    generator = torch.Generator().manual_seed(1)
+    batch = (torch.randn(s.batch, s.sizes[0], generator=generator), torch.randint(0, s.sizes[-1], (s.batch,)))
+    result = {}
+    for grow in ("random", "synthesis", "gradient"):
+        model = _mlp(s.sizes, "csr", 20.0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        _train_step(model, optimizer, *batch)
+        rewirer = Rewirer(model, optimizer, grow=grow, seed=0)
+        seconds = _alternate({grow: lambda r=rewirer: r.step(batch=batch)}, s.rounds, 1)[grow]
+        result[grow] = {"seconds": seconds, "share_of_epoch": seconds / epoch_seconds}
+    return result
+
+
+def bench_scaling(s: BenchSettings, log: Callable[[str], None]) -> dict:
+    """csr training and rewiring steps as the hidden width grows at ε = 20."""
+    result = {}
+    x = torch.randn(s.batch, s.sizes[0])
+    y = torch.randint(0, s.sizes[-1], (s.batch,))
+    for width in s.widths:
+        log(f"scaling: csr, 3 hidden layers of {width:,}")
+        model = _mlp((s.sizes[0], width, width, width, s.sizes[-1]), "csr", 20.0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        rewirer = Rewirer(model, optimizer, grow="synthesis", seed=0)
+        train = lambda m=model, o=optimizer: _train_step(m, o, x, y)
+        times = _alternate({"train": train, "rewire": rewirer.step},
+                           max(2, s.rounds // 2), 1)
+        result[str(width)] = {"connections": _connections(model), "train_step_seconds": times["train"],
+                              "rewire_step_seconds": times["rewire"]}
+    return result
+
+
+@torch.no_grad()
+def bench_inference(s: BenchSettings, log: Callable[[str], None]) -> dict:
+    """Latency at batch 1 and 256: dense, csr (ε = 20) and the residual network of a csr MLP
+    compressed to 1%."""
+    log("inference latency: dense vs csr vs residual network")
+    dense, sparse = _mlp(s.sizes, "dense", None).eval(), _mlp(s.sizes, "csr", 20.0).eval()
+    compressed = _mlp(s.sizes, "csr", 20.0)
+    Rewirer(compressed, grow="none", prune="magnitude", compress_to=0.01, compress_end=0).step()
+    residual, summary = residual_network(compressed.eval())
+    models = {"dense": dense, "csr": sparse, "residual": residual}
+    result = {"connections": {"dense": _connections(dense), "csr": _connections(sparse),
+                              "residual": sum(summary.connections_after)}}
+    for batch in (1, 256):
+        x = torch.randn(batch, s.sizes[0])
+        calls = s.latency_calls if batch == 1 else max(3, s.latency_calls // 10)
+        seconds = _alternate({name: lambda m=m, x=x: m(x) for name, m in models.items()}, s.rounds, calls)
+        result[f"batch{batch}_ms"] = {name: 1000 * t for name, t in seconds.items()}
+    return result
+
+
+_MEMORY_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from synthprune.bench import _mlp, _train_step
+
+    def status(field):  # kB figures of /proc/self/status (Linux)
+        with open("/proc/self/status") as handle:
+            return next(int(line.split()[1]) for line in handle if line.startswith(field + ":"))
+
+    sizes, backend, epsilon, batch = json.loads(sys.argv[1])
+    torch.ones(1).sum()
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # reset the peak (VmHWM) to the current size, after the imports
+    base = status("VmRSS")
+    model = _mlp(sizes, backend, epsilon)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(batch, sizes[0]), torch.randint(0, sizes[-1], (batch,))
+    for _ in range(3):
+        _train_step(model, optimizer, x, y)
+    print(json.dumps((status("VmHWM") - base) * 1024))
+""")
+
+
+def bench_memory(s: BenchSettings, log: Callable[[str], None]) -> dict:
+    """Peak resident memory of training (model, gradients, momentum, activations) per backend
+    at ε = 20, each in a fresh process, above its footprint after importing torch (Linux:
+    the peak is reset through ``/proc/self/clear_refs``; elsewhere this part is skipped)."""
+    if not Path("/proc/self/clear_refs").exists():
+        log("peak memory: skipped (needs Linux /proc)")
+        return {}
+    log("peak training memory (fresh process per backend)")
+    result = {}
+    for backend in ("dense", "masked", "csr"):
+        args = json.dumps([list(s.sizes), backend, 20.0, s.batch])
+        process = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, args], capture_output=True, text=True)
+        if process.returncode != 0:
+            raise RuntimeError(f"memory measurement of {backend} failed: {process.stderr.strip()[-300:]}")
+        result[backend] = int(process.stdout.strip().splitlines()[-1])
+    result["csr_over_dense"] = result["csr"] / max(1, result["dense"])
+    return result
+
+
+def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict:
+    """Every measurement; a JSON-ready dict."""
+    result = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__,
+                          "python": sys.version.split()[0]},
+              "settings": {"sizes": list(settings.sizes), "batch": settings.batch,
+                           "batches_per_epoch": settings.batches_per_epoch, "rounds": settings.rounds,
+                           "timed_batches": settings.timed_batches}}
+    result["training"] = bench_training(settings, log)
+    first = result["training"][f"eps{settings.epsilons[0]:g}"]["epoch_seconds"]["csr"]
+    result["rewiring"] = bench_rewiring(settings, first, log)
+    result["scaling"] = bench_scaling(settings, log)
+    result["inference"] = bench_inference(settings, log)
+    if settings.memory:
+        result["memory_bytes"] = bench_memory(settings, log)
+    return result

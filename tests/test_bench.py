@@ -1,0 +1,29 @@
+"""`synthprune bench --quick` runs and reports every figure (a smoke test: timings are not tested)."""
+
+import json
+
+from synthprune.cli import main
+
+
+def test_bench_quick_reports_every_figure(capsys):
+    assert main(["bench", "--quick", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for row in result["training"].values():
+        assert set(row["epoch_seconds"]) == {"dense", "masked", "csr"}
+        assert all(t > 0 for t in row["epoch_seconds"].values()) and row["dense_over_csr"] > 0
+    assert set(result["rewiring"]) == {"random", "synthesis", "gradient"}
+    assert all(r["share_of_epoch"] > 0 for r in result["rewiring"].values())
+    assert len(result["scaling"]) == 2 and all(r["train_step_seconds"] > 0 for r in result["scaling"].values())
+    assert set(result["inference"]["batch1_ms"]) == {"dense", "csr", "residual"}
+    assert result["memory_bytes"]["dense"] > 0 and result["memory_bytes"]["csr"] > 0
+    # the tables the command prints without --json, from the same figures
+    from rich.console import Console
+
+    from synthprune.cli import bench_tables
+
+    console = Console(record=True, width=120)
+    for table in bench_tables(result):
+        console.print(table)
+    text = console.export_text()
+    for title in ("training epoch", "rewiring step", "csr scaling", "inference latency", "peak training memory"):
+        assert title in text
