@@ -121,3 +121,18 @@ def test_a_sweep_killed_mid_run_resumes_from_the_checkpoint(tmp_path):
     (result,) = run_sweep([run], out, on_done=lambda r, action: actions.__setitem__("random", action))
     assert actions == {"random": "resume"} and result.status == "finished"
     assert len(read(out / "random-s0" / "metrics.csv")) == 60 > epochs_done
+
+
+def test_a_run_from_before_a_new_setting_existed_is_still_recognised(tmp_path):
+    # Regression: a finished run whose config.yaml predates `save_topology_every` was refused
+    # as "other settings" although the new setting's default is what it ran with.
+    import yaml
+
+    out = tmp_path / "sweep"
+    (run,) = plan({"a": {"epochs": 1}}, [0], out, "digits-mlp")
+    fit(run.config, run.out, log=lambda line: None)
+    saved = yaml.safe_load((run.out / "config.yaml").read_text())
+    del saved["save_topology_every"]
+    (run.out / "config.yaml").write_text(yaml.safe_dump(saved))
+    (result,) = run_sweep([run], out)
+    assert result.status == "skipped"
