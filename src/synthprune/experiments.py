@@ -9,6 +9,7 @@ and ``OUT/summary.md`` (mean ± std over seeds per configuration).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import itertools
@@ -141,10 +142,10 @@ def _prepare(run: SweepRun, specs: Path) -> tuple[list[str] | None, str]:
     wanted = run.config.to_dict()
     if run_dir.config.exists():
         saved = run_dir.read_config()
-        try:  # a run written before a setting existed holds that setting's default
+        # A run written before a setting existed ran with its default; one holding a setting this
+        # version does not know (TypeError) simply differs.
+        with contextlib.suppress(TypeError):
             saved = TrainConfig(**saved).to_dict()
-        except TypeError:
-            pass  # a setting this version does not know: it differs
         if saved != wanted:
             differ = sorted(k for k in wanted if saved.get(k) != wanted[k])
             raise ValueError(f"{run.out} holds a run with other settings ({', '.join(differ)}); "
