@@ -18,8 +18,10 @@ from synthprune.plots import accuracy_vs_connections
 from synthprune.residual import residual_network
 from synthprune.train import load_run_model
 
-NAMES = {"synthesis": "synthesis", "random": "SET (random)", "none": "static", "dense": "dense"}
-COLORS = {"synthesis": "tab:orange", "random": "tab:blue", "none": "tab:gray"}
+NAMES = {"synthesis": "synthesis", "random": "SET (random)", "none": "static", "dense": "dense",
+         "synthesis_tail": "synthesis (tail)", "gradient": "RigL"}
+COLORS = {"synthesis": "tab:orange", "random": "tab:blue", "none": "tab:gray", "synthesis_tail": "tab:red",
+          "gradient": "tab:green"}
 
 
 def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -47,7 +49,7 @@ def main(folder: Path, figure: Path) -> None:
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for record in records:
         groups[(record["grow"], record["target"])].append(record)
-    order = {"dense": 0, "none": 1, "random": 2, "synthesis": 3}
+    order = {"dense": 0, "none": 1, "random": 2, "gradient": 3, "synthesis": 4, "synthesis_tail": 5}
     print("| strategy | compress to | seeds | final test acc % | best test acc % | connections (trained) "
           "| residual connections | live neurons h1 / h2 / h3 | kept inputs | × fewer parameters than dense |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -72,6 +74,7 @@ def main(folder: Path, figure: Path) -> None:
         for run, res in zip(runs, residuals, strict=True):
             points.append({"group": label if target != "full" else f"{NAMES.get(grow, grow)} (fixed budget)",
                            "color": COLORS.get(grow, "black"), "marker": "o" if target != "full" else "*",
+                           "markersize": 6 if target != "full" else 11,
                            "setting": target, "connections": sum(res.connections_after),
                            "accuracy": run["summary"]["final_test_accuracy"]})
     epochs = {r["summary"]["epochs"] for r in records}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from synthprune.similarity import Structure, similarity, structure_of, write_matrix
+from synthprune.similarity import Structure, load_snapshot, similarity, structure_of, write_matrix
 
 STRATEGIES = {
     "synthesis-full": "synthesis", "synthesis_tail-full": "synthesis (tail)", "random-full": "SET",
@@ -40,6 +40,24 @@ def random_like(structure: Structure, seed: int) -> Structure:
             for key, sparse, n_in, n_out in zip(structure.keys, structure.sparse, structure.widths[:-1],
                                                 structure.widths[1:], strict=True)]
     return Structure(f"random {seed}", structure.widths, keys, structure.sparse)
+
+
+def survival(run: Path) -> str:
+    """Of the connections grown at each step, the share still there after the next step; the
+    share of the final wiring that was there at initialisation; consecutive-epoch similarity."""
+    paths = sorted((run / "topology").glob("epoch-*.safetensors"))[1:]  # epoch 1 on: the wiring trained
+    structures = [load_snapshot(path) for path in paths]
+    sparse = [i for i, flag in enumerate(structures[0].sparse) if flag]
+    snaps = [{i: set(s.keys[i].tolist()) for i in sparse} for s in structures]
+    alive = []
+    for before, now, after in zip(snaps, snaps[1:], snaps[2:], strict=False):
+        grown = {i: now[i] - before[i] for i in sparse}
+        alive.append(sum(len(grown[i] & after[i]) for i in sparse) / sum(len(grown[i]) for i in sparse))
+    initial = sum(len(snaps[0][i] & snaps[-1][i]) for i in sparse) / sum(len(snaps[-1][i]) for i in sparse)
+    consecutive = [similarity(a, b, "none", residual=False).edge_jaccard
+                   for a, b in itertools.pairwise(structures)]
+    return (f"| {run.name} | {', '.join(f'{100 * a:.1f}%' for a in alive)} | {100 * initial:.1f}% "
+            f"| {statistics.mean(consecutive):.3f} |")
 
 
 def stats(values: list[float]) -> str:
@@ -98,6 +116,15 @@ def main(folder: Path, figures: Path) -> None:
         print(f"| {STRATEGIES[left]} vs {STRATEGIES[right]} | {len(seeds)} "
               f"| {stats([r.input_jaccard for r in results])} | {per_layer} "
               f"| {stats([r.edge_jaccard for r in results])} | {stats([r.edge_overlap for r in results])} |")
+
+    settling = folder.parent / "settling"
+    if settling.is_dir():
+        print("\n### How long grown connections live (runs with --save-topology-every 1)\n")
+        print("| run | grown connections alive one step later, per step | final connections that are initial "
+              "| edge Jaccard, consecutive epochs |")
+        print("|---|---|---|---|")
+        for run in sorted(settling.iterdir()):
+            print(survival(run))
 
     heat = [runs[name][seed] for name in ("synthesis-full", "random-full") for seed in sorted(runs.get(name, {}))]
     if len(heat) >= 2:

@@ -87,15 +87,15 @@ def accuracy_vs_connections(points: list[dict], path: str | Path, title: str = "
 
     ``points``: dicts with ``group`` (legend label), ``connections`` and ``accuracy`` (in
     [0, 1]), optionally ``setting`` (points of a group with the same setting -- seeds -- are
-    averaged; default: the same connections) and ``color``/``marker`` (the group's first
-    point decides).
+    averaged; default: the same connections) and ``color``/``marker``/``markersize`` (the
+    group's first point decides).
     The x axis is logarithmic: compression targets are usually halvings.
     """
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     groups: dict[str, dict[float, list[tuple[float, float]]]] = {}
     styles: dict[str, dict] = {}
     for point in points:
-        styles.setdefault(point["group"], {k: point[k] for k in ("color", "marker") if k in point})
+        styles.setdefault(point["group"], {k: point[k] for k in ("color", "marker", "markersize") if k in point})
         by_setting = groups.setdefault(point["group"], {})
         by_setting.setdefault(point.get("setting", point["connections"]), []).append(
             (point["connections"], 100 * point["accuracy"]))
