@@ -115,8 +115,9 @@ def train(
     quiet: Annotated[bool, typer.Option(help="No progress bar or per-epoch lines.")] = False,
     plots: Annotated[bool, typer.Option(help="Write figures into <run>/figures at the end.")] = True,
 ) -> None:
-    """Train one model into a run directory: config.yaml, metrics.csv, topology.jsonl,
-    checkpoint.pt, final/ and figures/."""
+    """Train one model into a run directory.
+
+    Writes config.yaml, metrics.csv, topology.jsonl, checkpoint.pt, final/ and figures/."""
     from synthprune.train import fit  # keeps `synthprune --help` fast
 
     overrides = dict(
@@ -159,8 +160,10 @@ def plot(
     out: Annotated[Path | None, typer.Option(help="Folder for the PNGs (default: <run>/figures for one "
                                                   "run, ./figures for several).")] = None,
 ) -> None:
-    """Figures from run directories: test accuracy and connections per layer vs epoch (runs
-    overlaid) and each run's input-layer connectivity as an image."""
+    """Figures from run directories.
+
+    Test accuracy and connections per layer vs epoch (runs overlaid) and each run's input-layer
+    connectivity as an image."""
     from synthprune.plots import plot_runs
 
     target = out or (runs[0] / "figures" if len(runs) == 1 else Path("figures"))
@@ -173,8 +176,10 @@ def residual(
     run: Annotated[Path, typer.Argument(help="A finished run directory.")],
     form: Annotated[str, typer.Option(help="csr: sparse layers stay sparse (CSRLinear); dense: nn.Linear.")] = "csr",
 ) -> None:
-    """Extract the compact residual network of a run into RUN/final/residual/ (model.safetensors
-    + config.json) and show what compaction removed. Load it with synthprune.load_residual."""
+    """Extract a run's compact residual network into RUN/final/residual/.
+
+    Writes model.safetensors + config.json and shows what compaction removed. Load it with
+    synthprune.load_residual."""
     from synthprune.export import write_residual
     from synthprune.residual import FORMS
 
@@ -215,8 +220,9 @@ def export(
                                                       "(needs: pip install 'synthprune[onnx]').")] = False,
     out: Annotated[Path | None, typer.Option(help="Output file (default RUN/final/residual/model.onnx).")] = None,
 ) -> None:
-    """Export a run's compact residual network for deployment (ONNX, dynamic batch size,
-    input: the flattened features, output: logits)."""
+    """Export a run's compact residual network for deployment (ONNX).
+
+    Dynamic batch size; input: the flattened features, output: logits."""
     from synthprune.export import export_onnx
 
     if not onnx:
@@ -241,9 +247,11 @@ def sweep(
     epochs: Annotated[int | None, typer.Option(help="Epochs of every run.")] = None,
     jobs: Annotated[int | None, typer.Option(help="Runs at a time (default: the number of CPU cores).")] = None,
 ) -> None:
-    """Run a grid (grow strategies x compression targets x --set axes x seeds) or a sweep file,
-    one worker process per run. Finished runs are skipped and interrupted ones resumed, so
-    re-running a sweep completes it; a failed run is reported and the others go on."""
+    """Run many trainings: a grid or a sweep file, one worker process per run.
+
+    The grid is grow strategies x compression targets x --set axes x seeds. Finished runs are
+    skipped and interrupted ones resumed, so re-running a sweep completes it; a failed run is
+    reported and the others go on."""
     from synthprune.experiments import grid, load_spec, parse_seeds, plan, run_sweep
 
     common: dict = {}
@@ -304,8 +312,10 @@ def similarity_command(
     out: Annotated[Path | None, typer.Option(help="Folder for the matrix CSV and heatmap (several runs; "
                                                   "default ./similarity).")] = None,
 ) -> None:
-    """How alike the wirings of trained networks are: node and edge Jaccard, overlap, and after
-    matching hidden neurons, NNSTD (Liu et al. 2020). Overall figures pool the sparse layers."""
+    """How alike the wirings of trained networks are.
+
+    Node and edge Jaccard, overlap, and after matching hidden neurons, NNSTD (Liu et al. 2020).
+    Overall figures pool the sparse layers."""
     import json
 
     from synthprune import similarity as sim
@@ -369,10 +379,12 @@ def bench(
     json_output: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
     memory: Annotated[bool, typer.Option(help="Measure peak training memory (a fresh process each).")] = True,
 ) -> None:
-    """Measure the backends on the reference MLP: training epoch time (dense, masked, csr at
-    ε = 20 and 5), rewiring step per strategy, csr scaling with width, inference latency
-    (dense, csr, residual network) and peak training memory. Contenders alternate within one
-    process and medians are reported, so the ratios hold on a noisy machine."""
+    """Measure speed and memory of the backends on the reference MLP.
+
+    Training epoch time (dense, masked, csr at ε = 20 and 5), rewiring step per strategy, csr
+    scaling with width, inference latency (dense, csr, residual network) and peak training
+    memory. Contenders alternate within one process and medians are reported, so the ratios
+    hold on a noisy machine."""
     import json
 
     from synthprune.bench import BenchSettings, run_bench
