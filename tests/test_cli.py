@@ -149,7 +149,10 @@ def test_plot_overlays_several_runs(tmp_path):
                                                              "input_connectivity.png"}
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["plot"], ["list"]])
+COMMANDS = ["train", "plot", "list", "residual", "export", "sweep", "similarity", "bench"]
+
+
+@pytest.mark.parametrize("command", [[], *([c] for c in COMMANDS)])
 def test_help_for_every_command(command, capsys):
     assert main([*command, "--help"]) == 0
     out = capsys.readouterr().out
