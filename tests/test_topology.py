@@ -148,3 +148,22 @@ def test_set_scores_prune_equal_fractions_of_each_sign_and_zeros_first():
     assert (removed > 0).sum() == 18 and (removed < 0).sum() == 12  # 30% of 60 and of 40
     assert removed[removed > 0].max() < values[values > 0].sort().values[18]  # the smallest positives
     assert removed[removed < 0].min() > values[values < 0].sort(descending=True).values[12]  # closest to 0
+
+
+@given(scores=st.lists(st.integers(0, 5), min_size=1, max_size=60), data=st.data())
+def test_select_lowest_equals_a_stable_sort(scores, data):
+    # select_lowest avoids a full sort (kthvalue); it must pick what a stable sort picks.
+    values = torch.tensor(scores, dtype=torch.float32)  # small integers: many ties
+    protected = torch.tensor(data.draw(st.lists(st.booleans(), min_size=len(scores), max_size=len(scores))))
+    free = (~protected).nonzero().squeeze(1)
+    k = data.draw(st.integers(0, free.numel()))
+    expected = free[torch.sort(values[free], stable=True).indices[:k]]
+    assert select_lowest(values, k, protected).tolist() == expected.tolist()
+    assert select_lowest(values, min(k, len(scores)), None).tolist() == \
+        torch.sort(values, stable=True).indices[: min(k, len(scores))].tolist()
+
+
+@given(st.lists(st.integers(0, 20), max_size=80))
+def test_unique_in_order_keeps_first_occurrences(values):
+    expected = list(dict.fromkeys(values))
+    assert unique_in_order(torch.tensor(values, dtype=torch.long)).tolist() == expected

@@ -111,9 +111,10 @@ def unique_in_order(values: torch.Tensor) -> torch.Tensor:
     if values.numel() == 0:
         return values
     uniq, inverse = torch.unique(values, return_inverse=True)
+    position = torch.arange(values.numel(), device=values.device)
     first = torch.full((uniq.numel(),), values.numel(), dtype=_LONG, device=values.device)
-    first.scatter_reduce_(0, inverse, torch.arange(values.numel(), device=values.device), "amin")
-    return values[first.sort().values]
+    first.scatter_reduce_(0, inverse, position, "amin")
+    return values[first[inverse] == position]  # a mask keeps draw order without another sort
 
 
 def select_lowest(scores: torch.Tensor, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
@@ -122,7 +123,16 @@ def select_lowest(scores: torch.Tensor, k: int, protected: torch.Tensor | None =
     candidates = torch.arange(scores.numel()) if protected is None else (~protected).nonzero().squeeze(1)
     if not 0 <= k <= candidates.numel():
         raise ValueError(f"cannot select {k} of {candidates.numel()} unprotected scores")
-    return candidates[torch.sort(scores[candidates], stable=True).indices[:k]]
+    if k == 0:
+        return candidates[:0]
+    values = scores[candidates]
+    # O(n) instead of a full sort: everything below the k-th smallest value, then the first
+    # positions among those equal to it (the same result as a stable sort's first k).
+    threshold = values.kthvalue(k).values
+    below = (values < threshold).nonzero().squeeze(1)
+    equal = (values == threshold).nonzero().squeeze(1)[: k - below.numel()]
+    chosen = torch.cat([below, equal])
+    return candidates[chosen[torch.sort(values[chosen], stable=True).indices]]
 
 
 # --------------------------------------------------------------------------- sampling
