@@ -14,6 +14,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from synthprune.experiments import mean_std
 from synthprune.plots import accuracy_vs_connections
 from synthprune.residual import residual_network
 from synthprune.train import load_run_model
@@ -22,12 +23,6 @@ NAMES = {"synthesis": "synthesis", "random": "SET (random)", "none": "static", "
          "synthesis_tail": "synthesis (tail)", "gradient": "RigL"}
 COLORS = {"synthesis": "tab:orange", "random": "tab:blue", "none": "tab:gray", "synthesis_tail": "tab:red",
           "gradient": "tab:green"}
-
-
-def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
-    if len(values) == 1:
-        return f"{scale * values[0]:.{digits}f}"
-    return f"{scale * statistics.mean(values):.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
 
 
 def main(folder: Path, figure: Path) -> None:

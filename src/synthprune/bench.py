@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synthprune.layers import SparseLinear
 from synthprune.models import SparseMLP
 from synthprune.residual import residual_network
 from synthprune.rewiring import Rewirer
+from synthprune.train import connections
 
 __all__ = ["BenchSettings", "run_bench"]
 
@@ -60,8 +60,7 @@ def _mlp(sizes, backend: str, epsilon: float | None, seed: int = 0) -> nn.Module
 
 
 def _connections(model: nn.Module) -> int:
-    return sum(m.nnz if isinstance(m, SparseLinear) else m.weight.numel()
-               for m in model.modules() if isinstance(m, (SparseLinear, nn.Linear)))
+    return sum(connections(model).values())
 
 
 def _train_step(model, optimizer, x, y) -> None:

@@ -252,7 +252,7 @@ def sweep(
     The grid is grow strategies x compression targets x --set axes x seeds. Finished runs are
     skipped and interrupted ones resumed, so re-running a sweep completes it; a failed run is
     reported and the others go on."""
-    from synthprune.experiments import grid, load_spec, parse_seeds, plan, run_sweep
+    from synthprune.experiments import grid, load_spec, parse_list, parse_seeds, plan, run_sweep
 
     common: dict = {}
     seed_list = None
@@ -260,10 +260,10 @@ def sweep(
         if grow or compress_to or set_values:
             raise ValueError("give either --spec or the grid flags (--grow, --compress-to, --set), not both")
         common, configs, seed_list = load_spec(spec)
-        preset = preset or common.pop("preset", None)
-        common.pop("preset", None)
+        spec_preset = common.pop("preset", None)
+        preset = preset or spec_preset
     else:
-        configs = grid(_split(grow), _split(compress_to), set_values or [])
+        configs = grid(parse_list(grow), parse_list(compress_to), set_values or [])
     if seeds is not None:
         seed_list = parse_seeds(seeds)
     if epochs is not None:
@@ -289,10 +289,6 @@ def sweep(
     console.print(f"wrote {out}/sweep.csv and {out}/summary.md" + (f"; {len(failed)} run(s) failed" if failed else ""))
     if failed:
         raise typer.Exit(1)
-
-
-def _split(text: str | None) -> list[str]:
-    return [item.strip() for item in (text or "").split(",") if item.strip()]
 
 
 @app.command(name="similarity")

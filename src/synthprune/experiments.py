@@ -28,7 +28,10 @@ import yaml
 from synthprune.config import TrainConfig, load_config
 from synthprune.rundir import RunDir, atomic_write
 
-__all__ = ["RunResult", "SweepRun", "grid", "load_spec", "plan", "run_sweep", "summarize_sweep"]
+__all__ = [
+    "RunResult", "SweepRun", "grid", "load_spec", "mean_std", "parse_list", "parse_seeds", "plan", "run_sweep",
+    "summarize_sweep",
+]
 
 
 @dataclass
@@ -51,7 +54,9 @@ class RunResult:
     summary: dict = field(default_factory=dict)
 
 
-def _parse_list(text: str) -> list[str]:
+def parse_list(text: str | None) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]`` (``None`` -> ``[]``)."""
+    text = text or ""
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
@@ -59,7 +64,7 @@ def parse_seeds(text: str) -> list[int]:
     """``"0-4"`` -> [0, 1, 2, 3, 4]; ``"0,2,7"`` -> [0, 2, 7]."""
     seeds: list[int] = []
     try:
-        for part in _parse_list(text):
+        for part in parse_list(text):
             low, _, high = part.partition("-")
             seeds += list(range(int(low), int(high) + 1)) if high else [int(low)]
     except ValueError:
@@ -76,9 +81,9 @@ def grid(grow: list[str], compress_to: list[str], settings: list[str]) -> dict[s
                                          [("compress_to", c) for c in compress_to] or [("compress_to", "full")]]
     for setting in settings:
         key, sep, values = setting.partition("=")
-        if not sep or not key.strip() or not _parse_list(values):
+        if not sep or not key.strip() or not parse_list(values):
             raise ValueError(f"--set takes KEY=V1,V2,..., got {setting!r}")
-        axes.append([(key.strip().replace("-", "_"), v) for v in _parse_list(values)])
+        axes.append([(key.strip().replace("-", "_"), v) for v in parse_list(values)])
     configs: dict[str, dict] = {}
     for combination in itertools.product(*axes):
         overrides: dict = {}
@@ -233,7 +238,7 @@ def write_results(results: list[RunResult], out: Path) -> None:
     atomic_write(out / "summary.md", summarize_sweep(results))
 
 
-def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     if not values:
         return "–"
     if len(values) == 1:
@@ -256,11 +261,11 @@ def summarize_sweep(results: list[RunResult]) -> str:
         column = {key: [s[key] for s in done] for key in done[0]}
         live = " / ".join(f"{statistics.mean(level):,.0f}" for level in zip(*column["live_neurons"], strict=True))
         lines.append(
-            f"| {name} | {len(done)} | {_mean_std(column['final_test_accuracy'], 100)} "
-            f"| {_mean_std(column['best_test_accuracy'], 100)} "
+            f"| {name} | {len(done)} | {mean_std(column['final_test_accuracy'], 100)} "
+            f"| {mean_std(column['best_test_accuracy'], 100)} "
             f"| {statistics.mean(column['connections']):,.0f} | {statistics.mean(column['compression']):.1f}× "
             f"| {statistics.mean(column['residual_connections']):,.0f} | {live} "
-            f"| {_mean_std(column['seconds_per_epoch'], 1, 1)} |")
+            f"| {mean_std(column['seconds_per_epoch'], 1, 1)} |")
     if failed:
         lines += ["", "Failed runs:", ""] + [f"- `{r.run.out}`: {r.error}" for r in failed]
     return "\n".join(lines) + "\n"

@@ -193,7 +193,11 @@ def live_masks(edges: list[tuple[torch.Tensor, torch.Tensor]], widths: list[int]
     on a path from an input feature to an output -- the fixed point of removing neurons without
     inputs or outputs. Outputs are always kept. Returns one ``[width]`` bool mask per level.
     """
-    reached, reaching = _reachability(edges, widths)
+    return _kept(*_reachability(edges, widths))
+
+
+def _kept(reached: list[torch.Tensor], reaching: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Inputs that reach an output, hidden neurons both reached and reaching, all outputs."""
     return [reaching[0]] + [a & b for a, b in zip(reached[1:-1], reaching[1:-1], strict=True)] + [reaching[-1]]
 
 
@@ -223,7 +227,7 @@ def residual_network(model: nn.Module, form: str = "csr") -> tuple[ResidualMLP, 
     layers = [_edge_list(layer) for layer in linears]
     widths = [linears[0].in_features] + [layer.out_features for layer in linears]
     reached, reaching = _reachability([(layer.rows, layer.cols) for layer in layers], widths)
-    alive = [reaching[0]] + [a & b for a, b in zip(reached[1:-1], reaching[1:-1], strict=True)] + [reaching[-1]]
+    alive = _kept(reached, reaching)
     _fold_constants(layers, widths, reached, activation)
     folded = sum(int((~a & b).sum()) for a, b in zip(reached[1:-1], reaching[1:-1], strict=True))
     before = [int(layer.values.numel()) for layer in layers]
@@ -269,12 +273,11 @@ def _fold_constants(
 
 def _fill(layer: nn.Module, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> None:
     keys = rows * layer.in_features + cols
-    order = torch.argsort(keys)
+    layer.to(values.dtype)
     if isinstance(layer, SparseLinear):
-        layer.to(values.dtype)
+        order = torch.argsort(keys)  # CSR order
         layer.set_connections(keys[order], values[order])
     else:
-        layer.to(values.dtype)
         layer.weight.zero_().view(-1)[keys] = values
     layer.bias.copy_(bias)
 

@@ -43,6 +43,12 @@ __all__ = [
 ]
 
 MATCHES = ("none", "hungarian")
+
+
+def _default_measure(match: str) -> str:
+    """The matrix entry when none is asked for: matched Jaccard if neurons are matched."""
+    return "matched_edge_jaccard" if match == "hungarian" else "edge_jaccard"
+
 MEASURES = ("input_jaccard", "edge_jaccard", "edge_overlap", "matched_edge_jaccard", "matched_edge_overlap", "nnstd")
 
 
@@ -75,13 +81,10 @@ class Structure:
         return Structure(self.name, self.widths, keys, self.sparse, self.layer_names)
 
 
-@dataclass
-class LayerSimilarity:
-    layer: str
-    sparse: bool
-    connections_a: int
-    connections_b: int
-    node_jaccard: float
+@dataclass(kw_only=True)
+class EdgeMeasures:
+    """The edge measures shared by a layer and a whole network (``None``: not matched)."""
+
     edge_jaccard: float
     edge_overlap: float
     matched_edge_jaccard: float | None = None
@@ -89,8 +92,17 @@ class LayerSimilarity:
     nnstd: float | None = None
 
 
-@dataclass
-class Similarity:
+@dataclass(kw_only=True)
+class LayerSimilarity(EdgeMeasures):
+    layer: str
+    sparse: bool
+    connections_a: int
+    connections_b: int
+    node_jaccard: float
+
+
+@dataclass(kw_only=True)
+class Similarity(EdgeMeasures):
     """Per-layer and overall similarity of two networks (see the module docstring)."""
 
     a: str
@@ -98,11 +110,6 @@ class Similarity:
     match: str
     layers: list[LayerSimilarity]
     input_jaccard: float
-    edge_jaccard: float
-    edge_overlap: float
-    matched_edge_jaccard: float | None = None
-    matched_edge_overlap: float | None = None
-    nnstd: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -250,8 +257,9 @@ def similarity(a, b, match: str = "hungarian", residual: bool = True) -> Similar
         nodes_b = torch.unique(sb.keys[i] % n_in)
         node_jaccard, _, _ = _jaccard(nodes_a, nodes_b)
         edge_jaccard, edge_overlap, both = _jaccard(sa.keys[i], sb.keys[i])
-        result = LayerSimilarity(name, sa.sparse[i] or sb.sparse[i], sa.keys[i].numel(), sb.keys[i].numel(),
-                                 node_jaccard, edge_jaccard, edge_overlap)
+        result = LayerSimilarity(layer=name, sparse=sa.sparse[i] or sb.sparse[i], connections_a=sa.keys[i].numel(),
+                                 connections_b=sb.keys[i].numel(), node_jaccard=node_jaccard,
+                                 edge_jaccard=edge_jaccard, edge_overlap=edge_overlap)
         if match == "hungarian":
             last = i == len(sa.layer_names) - 1
             if last:  # the outputs keep their identity; only their inputs are renumbered
@@ -277,7 +285,9 @@ def similarity(a, b, match: str = "hungarian", residual: bool = True) -> Similar
         smaller = min(totals["a"], totals["b"])
         return (both / union if union else 1.0), (both / smaller if smaller else 1.0)
 
-    overall = Similarity(sa.name, sb.name, match, layers, layers[0].node_jaccard, *pooled(totals["both"]))
+    edge_jaccard, edge_overlap = pooled(totals["both"])
+    overall = Similarity(a=sa.name, b=sb.name, match=match, layers=layers, input_jaccard=layers[0].node_jaccard,
+                         edge_jaccard=edge_jaccard, edge_overlap=edge_overlap)
     if match == "hungarian":
         overall.matched_edge_jaccard, overall.matched_edge_overlap = pooled(totals["matched_both"])
         sparse_distances = [layer.nnstd for layer in layers if layer.sparse]
@@ -302,7 +312,7 @@ def similarity_matrix(sources: list, match: str = "hungarian", residual: bool = 
                       measure: str | None = None) -> tuple[list[str], np.ndarray]:
     """(names, ``[n, n]`` matrix of ``measure``) over every pair of ``sources``; each network
     is loaded once."""
-    measure = measure or ("matched_edge_jaccard" if match == "hungarian" else "edge_jaccard")
+    measure = measure or _default_measure(match)
     if measure not in MEASURES:
         raise ValueError(f"unknown measure {measure!r}; valid: {', '.join(MEASURES)}")
     if match == "none" and (measure.startswith("matched") or measure == "nnstd"):
@@ -329,7 +339,7 @@ def write_matrix(sources: list, folder: str | Path, match: str = "hungarian", re
     from synthprune.plots import similarity_heatmap
     from synthprune.rundir import atomic_write
 
-    measure = measure or ("matched_edge_jaccard" if match == "hungarian" else "edge_jaccard")
+    measure = measure or _default_measure(match)
     names, matrix = similarity_matrix(sources, match, residual, measure)
     folder = Path(folder)
     buffer = io.StringIO()
