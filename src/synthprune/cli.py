@@ -7,6 +7,7 @@ one line on stderr, never a traceback. An interrupted run exits 130 and resumes 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -114,10 +115,14 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar or per-epoch lines.")] = False,
     plots: Annotated[bool, typer.Option(help="Write figures into <run>/figures at the end.")] = True,
+    nproc: Annotated[int, typer.Option(
+        min=1, help="Data-parallel processes on this machine (starts torchrun; the batch size stays the "
+                    "global batch). For several machines run torchrun yourself: see the README.")] = 1,
 ) -> None:
     """Train one model into a run directory.
 
-    Writes config.yaml, metrics.csv, topology.jsonl, checkpoint.pt, final/ and figures/."""
+    Writes config.yaml, metrics.csv, topology.jsonl, checkpoint.pt, final/ and figures/. Under
+    torchrun it trains data-parallel; only rank 0 writes and prints."""
     from synthprune.train import fit  # keeps `synthprune --help` fast
 
     overrides = dict(
@@ -138,20 +143,45 @@ def train(
     if out is None:
         compressed = f"-c{settings.compress_to}" if settings.compress_to is not None else ""
         out = Path("runs") / f"{preset}-{settings.grow if settings.sparse else 'dense'}{compressed}-s{settings.seed}"
+    if nproc > 1:
+        options = {"preset": preset, "config": config, **overrides, "out": out, "resume": resume, "quiet": quiet,
+                   "plots": plots}
+        from synthprune.distributed import launch_local
+
+        raise typer.Exit(launch_local(nproc, ["train", *command_line(options)]))
+    if os.environ.get("RANK", "0") != "0":  # a torchrun worker other than rank 0: rank 0 speaks
+        quiet, plots = True, False
     show_bar = not quiet and console.is_terminal
     progress = (lambda total, epoch: EpochBar(total, epoch, settings.epochs)) if show_bar else None
     log = (lambda line: None) if quiet else (lambda line: console.print(line, highlight=False, soft_wrap=True))
     try:
         summary = fit(settings, out, resume=resume, progress=progress, log=log)
     except KeyboardInterrupt:
-        print(f"interrupted: finished epochs are checkpointed; continue with: synthprune train --resume --out {out}",
-              file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"interrupted: finished epochs are checkpointed; continue with: synthprune train --resume "
+                  f"--out {out}", file=sys.stderr)
         raise typer.Exit(130) from None
     if plots:
         from synthprune.plots import plot_runs
 
         plot_runs([out], Path(out) / "figures")
-    console.print(summary_table(f"{out}", summary))
+    if not quiet:
+        console.print(summary_table(f"{out}", summary))
+
+
+def command_line(options: dict[str, object]) -> list[str]:
+    """Typer options back into arguments: ``{"epochs": 3, "resume": True, "plots": False}`` ->
+    ``["--epochs", "3", "--resume", "--no-plots"]``; ``None`` and ``False`` flags are left out."""
+    args: list[str] = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if name == "plots":
+            args += [] if value else ["--no-plots"]
+        elif value is True:
+            args.append(flag)
+        elif value is not None and value is not False:
+            args += [flag, str(value)]
+    return args
 
 
 @app.command()
@@ -452,6 +482,7 @@ def list_things() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code. Errors in what the user gave are one line, code 2."""
+    from synthprune.distributed import SynchronizationError
     from synthprune.train import TrainingError
 
     command = typer.main.get_command(app)
@@ -467,12 +498,18 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _report(exc)
         return 2
-    except TrainingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (TrainingError, SynchronizationError) as exc:
+        _report(exc)
         return 1
     return code if isinstance(code, int) else 0
+
+
+def _report(exc: Exception) -> None:
+    """One line on stderr; in a torchrun job an error every rank shares is printed by rank 0 only."""
+    if not getattr(exc, "reported_by_main", False):
+        print(f"error: {exc}", file=sys.stderr)
 
 
 def run() -> None:

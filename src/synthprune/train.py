@@ -20,8 +20,10 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from synthprune import distributed
 from synthprune.config import TrainConfig
 from synthprune.data import load_dataset
+from synthprune.distributed import Ranks
 from synthprune.layers import SparseLinear
 from synthprune.models import SparseMLP
 from synthprune.rewiring import Rewirer
@@ -74,12 +76,15 @@ def connections(model: nn.Module) -> dict[str, int]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
-    """Accuracy in [0, 1] (eval mode: no dropout)."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
+             ranks: Ranks = distributed.SINGLE) -> float:
+    """Accuracy in [0, 1] (eval mode: no dropout); in a distributed run each rank scores its
+    shard of ``x`` and the counts are summed."""
     model.eval()
-    correct = sum(int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
-                  for i in range(0, len(y), batch_size))
-    return correct / len(y)
+    mine = distributed.shard(torch.arange(len(y), device=y.device), ranks)
+    correct = sum(int((model(x[mine[i : i + batch_size]]).argmax(1) == y[mine[i : i + batch_size]]).sum())
+                  for i in range(0, len(mine), batch_size))
+    return distributed.all_sum([correct], ranks, y.device)[0] / len(y)
 
 
 def fit(
@@ -95,11 +100,28 @@ def fit(
     ``resume=True`` continues from ``out/checkpoint.pt`` with the run's saved config; the result
     equals an uninterrupted run's on the same machine. ``progress(total_batches, epoch)`` may
     return a context manager whose ``advance(loss, accuracy)`` is called per batch.
+
+    Under torchrun (``WORLD_SIZE`` > 1) this is data-parallel: ``config.batch_size`` is the
+    global batch, each rank trains on its shard of it, and only rank 0 writes ``out`` or logs
+    (see :mod:`synthprune.distributed`).
     """
-    run = RunDir(out)
+    ranks = distributed.start()
+    if not ranks.is_main:
+        progress, log = None, lambda line: None
+    try:
+        summary = _fit(config, RunDir(out), resume, progress, log, ranks)
+    except BaseException as exc:
+        distributed.stop(ranks, together=getattr(exc, "shared_by_all_ranks", False))
+        raise
+    distributed.stop(ranks)
+    return summary
+
+
+def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: Callable[[int, int], object] | None,
+         log: Callable[[str], None], ranks: Ranks) -> dict:
     if resume:
-        config = TrainConfig(**run.read_config()).validate()
-    device = torch.device(config.device)
+        config = distributed.on_main(ranks, lambda: TrainConfig(**run.read_config()).validate())
+    device = distributed.device_for(config.device, ranks)
     torch.manual_seed(config.seed)
     data = load_dataset(config.dataset, config.data_dir, config.limit_train)
     x_train, y_train = data.x_train, data.y_train
@@ -113,23 +135,29 @@ def fit(
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     rewirer = build_rewirer(config, model, optimizer)  # refuses an infeasible compress_to
-    run.prepare(config.to_dict(), resume)  # only now: a refused config leaves no run behind
+    # Only now: a refused config leaves no run behind.
+    distributed.on_main(ranks, lambda: run.prepare(config.to_dict(), resume))
     metrics: list[dict] = []
     topology: list[dict] = []
     start_epoch = 0
     if resume:
-        state = run.load_checkpoint(device)
+        state = distributed.on_main(ranks, lambda: run.load_checkpoint("cpu"))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if rewirer is not None:
             rewirer.load_state_dict(state["rewirer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        _restore_rng(state["rng"], device, ranks, log)
         metrics, topology, start_epoch = state["metrics"], state["topology"], state["epoch"]
         log(f"resuming {run.root} after epoch {start_epoch}")
+    elif ranks.distributed:
+        torch.manual_seed(config.seed + 1_000_003 * ranks.rank)  # each rank its own dropout masks
+    if ranks.distributed:
+        distributed.check_synchronized(model, optimizer, ranks, "before training")
+        log(f"data-parallel on {ranks.world_size} processes: each trains on 1/{ranks.world_size} "
+            f"of every batch of {config.batch_size}")
+    net = distributed.wrap(model, ranks, device)
 
-    if config.save_topology_every and config.sparse and start_epoch == 0:
+    if config.save_topology_every and config.sparse and start_epoch == 0 and ranks.is_main:
         save_snapshot(model, run.snapshot(0), epoch=0)
     n_train = len(y_train)
     batches = math.ceil(n_train / config.batch_size)
@@ -141,35 +169,47 @@ def fit(
         loss_sum = correct = 0.0
         with progress(batches, epoch) if progress else nullcontext() as bar:
             for b in range(batches):
-                index = order[b * config.batch_size : (b + 1) * config.batch_size].to(device)
+                batch = order[b * config.batch_size : (b + 1) * config.batch_size]
+                index = distributed.shard(batch, ranks).to(device)
                 xb, yb = x_train[index], y_train[index]
                 optimizer.zero_grad(set_to_none=True)
-                logits = model(xb)
+                logits = net(xb)
                 loss = F.cross_entropy(logits, yb)
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, batch {b + 1}: lower --lr "
-                        f"(now {config.lr}); the last good checkpoint is {run.checkpoint}")
-                loss.backward()
+                _check_finite(loss, ranks, f"at epoch {epoch + 1}, batch {b + 1}: lower --lr (now {config.lr}); "
+                              f"the last good checkpoint is {run.checkpoint}")
+                # DDP averages the ranks' gradients; weighting each shard's mean by its share of
+                # the global batch makes that average the global batch's mean, as on one process.
+                share = len(index) * ranks.world_size / len(batch)
+                (loss * share if share != 1 else loss).backward()
                 optimizer.step()
                 loss_sum += loss.item() * len(yb)
                 correct += (logits.argmax(1) == yb).sum().item()
                 if bar is not None:
-                    bar.advance(loss.item(), correct / min(n_train, (b + 1) * config.batch_size))
-        train_seconds = time.perf_counter() - started
-        test_accuracy = evaluate(model, x_test, y_test)
-        validation = {"validation_accuracy": evaluate(model, x_val, y_val)} if len(y_val) else {}
+                    bar.advance(loss.item(), correct / min(n_train, (b + 1) * config.batch_size) * ranks.world_size)
+        loss_sum, correct = distributed.all_sum([loss_sum, correct], ranks, device)
+        train_seconds = distributed.all_max([time.perf_counter() - started], ranks, device)[0]
+        test_accuracy = evaluate(model, x_test, y_test, ranks=ranks)
+        validation = {"validation_accuracy": evaluate(model, x_val, y_val, ranks=ranks)} if len(y_val) else {}
         per_layer = connections(model)
         live = live_neurons(model)
 
         guard = accuracy_guard(config.accuracy_guard, metrics, validation, log)
-        if config.save_topology_every and config.sparse and (
+        if config.save_topology_every and config.sparse and ranks.is_main and (
                 (epoch + 1) % config.save_topology_every == 0 or epoch == config.epochs - 1):
             save_snapshot(model, run.snapshot(epoch + 1), epoch=epoch + 1)  # the wiring this epoch trained
         rewire_seconds = 0.0
         if rewirer is not None and epoch < config.epochs - 1:  # no rewiring after the last epoch
             started = time.perf_counter()
-            reports = rewirer.step(batch=(xb, yb), compress=not guard.get("compression_paused", 0))
+            # Every rank rewires from the same state with the same (global) last batch, so every
+            # rank decides alike; the digests prove it before DDP is rebuilt around the new wiring.
+            rewire_batch = batch.to(device)
+            if ranks.distributed:
+                net = distributed.unwrap(net)  # DDP's references would block resizing the parameters
+            reports = rewirer.step(batch=(x_train[rewire_batch], y_train[rewire_batch]),
+                                   compress=not guard.get("compression_paused", 0))
+            if ranks.distributed:
+                distributed.check_synchronized(model, optimizer, ranks, f"after rewiring step {epoch + 1}")
+                net = distributed.wrap(model, ranks, device)
             rewire_seconds = time.perf_counter() - started
             topology += [{"epoch": epoch + 1, **r.as_dict()} for r in reports]
 
@@ -187,27 +227,67 @@ def fit(
             "rewire_seconds": rewire_seconds,
         }
         metrics.append(row)
-        run.write_records(metrics, topology)
-        rng = {"torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        run.save_checkpoint({
-            "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "rewirer": rewirer.state_dict() if rewirer else None, "rng": rng,
-            "metrics": metrics, "topology": topology, "config": config.to_dict(),
-        })
+        rng = _rng_state(device, ranks)
+        if ranks.is_main:
+            run.write_records(metrics, topology)
+            run.save_checkpoint({
+                "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "rewirer": rewirer.state_dict() if rewirer else None, "rng": rng,
+                "metrics": metrics, "topology": topology, "config": config.to_dict(),
+            })
         val = f"val {100 * validation['validation_accuracy']:.2f}%  " if validation else ""
         log(f"epoch {epoch + 1}/{config.epochs}  loss {row['train_loss']:.4f}  "
             f"train {100 * row['train_accuracy']:.2f}%  {val}test {100 * test_accuracy:.2f}%  "
             f"connections {row['connections']:,}  {train_seconds:.1f}s (rewire {rewire_seconds:.2f}s)")
 
     summary = summarize(metrics, model)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    metadata = {"format": "synthprune-mlp", "config": json.dumps(config.to_dict())}
-    atomic_write(run.final / "model.safetensors", safetensors_bytes(tensors, metadata=metadata))
-    final_info = {"config": config.to_dict(), "sizes": model.sizes, "summary": summary}
-    atomic_write(run.final / "config.json", json.dumps(final_info, indent=2))
+    if ranks.is_main:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        metadata = {"format": "synthprune-mlp", "config": json.dumps(config.to_dict())}
+        atomic_write(run.final / "model.safetensors", safetensors_bytes(tensors, metadata=metadata))
+        final_info = {"config": config.to_dict(), "sizes": model.sizes, "summary": summary}
+        atomic_write(run.final / "config.json", json.dumps(final_info, indent=2))
     return summary
+
+
+def _check_finite(loss: torch.Tensor, ranks: Ranks, advice: str) -> None:
+    """Raise :class:`TrainingError` on every rank together when any rank's loss is NaN/inf
+    (one rank stopping alone would leave the others waiting in the gradient all-reduce)."""
+    bad = not torch.isfinite(loss)
+    if ranks.distributed:
+        bad = distributed.all_max([float(bad)], ranks, loss.device)[0] > 0
+    if bad:
+        where = "on at least one rank " if ranks.distributed else ""
+        error = TrainingError(f"loss became non-finite ({loss.item()} here) {where}{advice}")
+        raise distributed.shared_error(error, ranks)
+
+
+def _rng_state(device: torch.device, ranks: Ranks) -> dict:
+    """The random state a resumed run needs (every rank's, gathered on all ranks)."""
+    rng = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    if ranks.distributed:
+        per_rank = distributed.gather(rng, ranks)
+        rng = {**per_rank[0], "ranks": per_rank}
+    return rng
+
+
+def _restore_rng(rng: dict, device: torch.device, ranks: Ranks, log: Callable[[str], None]) -> None:
+    saved = rng.get("ranks", [rng])
+    if len(saved) != ranks.world_size:
+        log(f"this run was checkpointed with {len(saved)} process(es), it resumes with {ranks.world_size}: "
+            "the data and wiring continue exactly, dropout masks do not")
+    mine = saved[ranks.rank] if ranks.rank < len(saved) else None
+    if mine is None:
+        torch.manual_seed(int(torch.initial_seed()) + 1_000_003 * ranks.rank)
+        return
+    torch.set_rng_state(mine["torch"])
+    if device.type == "cuda" and "cuda" in mine:
+        if isinstance(mine["cuda"], list):  # checkpoints before 0.x kept every GPU's state
+            torch.cuda.set_rng_state_all(mine["cuda"])
+        else:
+            torch.cuda.set_rng_state(mine["cuda"], device)
 
 
 def accuracy_guard(points: float | None, metrics: list[dict], validation: dict, log: Callable[[str], None]) -> dict:
