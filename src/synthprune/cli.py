@@ -149,15 +149,15 @@ def train(
         from synthprune.distributed import launch_local
 
         raise typer.Exit(launch_local(nproc, ["train", *command_line(options)]))
-    if os.environ.get("RANK", "0") != "0":  # a torchrun worker other than rank 0: rank 0 speaks
-        quiet, plots = True, False
+    speaks = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 prints and plots
+    quiet, plots = quiet or not speaks, plots and speaks
     show_bar = not quiet and console.is_terminal
     progress = (lambda total, epoch: EpochBar(total, epoch, settings.epochs)) if show_bar else None
     log = (lambda line: None) if quiet else (lambda line: console.print(line, highlight=False, soft_wrap=True))
     try:
         summary = fit(settings, out, resume=resume, progress=progress, log=log)
     except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":
+        if speaks:
             print(f"interrupted: finished epochs are checkpointed; continue with: synthprune train --resume "
                   f"--out {out}", file=sys.stderr)
         raise typer.Exit(130) from None
@@ -165,7 +165,7 @@ def train(
         from synthprune.plots import plot_runs
 
         plot_runs([out], Path(out) / "figures")
-    if not quiet:
+    if speaks:
         console.print(summary_table(f"{out}", summary))
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from synthprune.models import sparse_layers
 
 __all__ = [
-    "SINGLE", "Ranks", "SynchronizationError", "all_max", "all_sum", "check_synchronized", "device_for",
+    "SINGLE", "Ranks", "SynchronizationError", "all_max", "all_sum", "any_rank", "check_synchronized", "device_for",
     "gather", "launch_local", "on_main", "shard", "shared_error", "start", "stop", "synchronized_digests",
     "unwrap", "wrap",
 ]
@@ -164,6 +164,23 @@ def all_sum(values: list[float], ranks: Ranks, device: torch.device) -> list[flo
 
 def all_max(values: list[float], ranks: Ranks, device: torch.device) -> list[float]:
     return _reduce(values, ranks, device, "MAX")
+
+
+def any_rank(flag: bool, ranks: Ranks, device: torch.device) -> Callable[[], bool]:
+    """Whether ``flag`` holds on any rank, as a function to call later: the all-reduce runs in
+    the background meanwhile (e.g. during backward), so the answer costs no waiting."""
+    if not ranks.distributed:
+        return lambda: flag
+    import torch.distributed as dist
+
+    tensor = torch.tensor([float(flag)], device=device)
+    work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True)
+
+    def result() -> bool:
+        work.wait()
+        return bool(tensor.item() > 0)
+
+    return result
 
 
 def gather(value: T, ranks: Ranks) -> list[T]:

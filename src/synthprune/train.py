@@ -175,12 +175,17 @@ def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: Callable[[int
                 optimizer.zero_grad(set_to_none=True)
                 logits = net(xb)
                 loss = F.cross_entropy(logits, yb)
-                _check_finite(loss, ranks, f"at epoch {epoch + 1}, batch {b + 1}: lower --lr (now {config.lr}); "
-                              f"the last good checkpoint is {run.checkpoint}")
+                # Whether any rank's loss is NaN/inf; the all-reduce runs during backward.
+                non_finite = distributed.any_rank(not torch.isfinite(loss), ranks, device)
                 # DDP averages the ranks' gradients; weighting each shard's mean by its share of
                 # the global batch makes that average the global batch's mean, as on one process.
                 share = len(index) * ranks.world_size / len(batch)
                 (loss * share if share != 1 else loss).backward()
+                if non_finite():  # every rank stops here together, before a bad optimizer step
+                    where = "on at least one rank " if ranks.distributed else ""
+                    raise distributed.shared_error(TrainingError(
+                        f"loss became non-finite ({loss.item()} here) {where}at epoch {epoch + 1}, batch {b + 1}: "
+                        f"lower --lr (now {config.lr}); the last good checkpoint is {run.checkpoint}"), ranks)
                 optimizer.step()
                 loss_sum += loss.item() * len(yb)
                 correct += (logits.argmax(1) == yb).sum().item()
@@ -248,18 +253,6 @@ def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: Callable[[int
         final_info = {"config": config.to_dict(), "sizes": model.sizes, "summary": summary}
         atomic_write(run.final / "config.json", json.dumps(final_info, indent=2))
     return summary
-
-
-def _check_finite(loss: torch.Tensor, ranks: Ranks, advice: str) -> None:
-    """Raise :class:`TrainingError` on every rank together when any rank's loss is NaN/inf
-    (one rank stopping alone would leave the others waiting in the gradient all-reduce)."""
-    bad = not torch.isfinite(loss)
-    if ranks.distributed:
-        bad = distributed.all_max([float(bad)], ranks, loss.device)[0] > 0
-    if bad:
-        where = "on at least one rank " if ranks.distributed else ""
-        error = TrainingError(f"loss became non-finite ({loss.item()} here) {where}{advice}")
-        raise distributed.shared_error(error, ranks)
 
 
 def _rng_state(device: torch.device, ranks: Ranks) -> dict:
