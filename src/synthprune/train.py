@@ -6,9 +6,12 @@ checkpoint. The run directory is the only output; analysis reads it afterwards.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import sys
 import time
+import traceback
 from collections.abc import Callable
 from contextlib import nullcontext
 from itertools import pairwise
@@ -108,12 +111,23 @@ def fit(
     ranks = distributed.start()
     if not ranks.is_main:
         progress, log = None, lambda line: None
+    error: BaseException | None = None
     try:
         summary = _fit(config, RunDir(out), resume, progress, log, ranks)
     except BaseException as exc:
-        distributed.stop(ranks, together=getattr(exc, "shared_by_all_ranks", False))
-        raise
-    distributed.stop(ranks)
+        error = exc
+    if ranks.distributed:
+        # The DDP wrapper must be gone before the process group, or its reducer may abort the
+        # process at exit: drop the frames that hold it (the CLI prints one line anyway).
+        if error is not None:
+            if not isinstance(error, (ValueError, OSError, TrainingError, KeyboardInterrupt,
+                                      distributed.SynchronizationError)):  # a bug: keep its traceback
+                print(f"[rank {ranks.rank}] " + "".join(traceback.format_exception(error)), file=sys.stderr)
+            error.__traceback__ = None
+        gc.collect()  # DDP objects sit in reference cycles
+    distributed.stop(ranks, together=error is None or getattr(error, "shared_by_all_ranks", False))
+    if error is not None:
+        raise error
     return summary
 
 
@@ -166,31 +180,9 @@ def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: Callable[[int
         model.train()
         # The data order depends only on (seed, epoch), so a resumed run sees the same batches.
         order = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
-        loss_sum = correct = 0.0
         with progress(batches, epoch) if progress else nullcontext() as bar:
-            for b in range(batches):
-                batch = order[b * config.batch_size : (b + 1) * config.batch_size]
-                index = distributed.shard(batch, ranks).to(device)
-                xb, yb = x_train[index], y_train[index]
-                optimizer.zero_grad(set_to_none=True)
-                logits = net(xb)
-                loss = F.cross_entropy(logits, yb)
-                # Whether any rank's loss is NaN/inf; the all-reduce runs during backward.
-                non_finite = distributed.any_rank(not torch.isfinite(loss), ranks, device)
-                # DDP averages the ranks' gradients; weighting each shard's mean by its share of
-                # the global batch makes that average the global batch's mean, as on one process.
-                share = len(index) * ranks.world_size / len(batch)
-                (loss * share if share != 1 else loss).backward()
-                if non_finite():  # every rank stops here together, before a bad optimizer step
-                    where = "on at least one rank " if ranks.distributed else ""
-                    raise distributed.shared_error(TrainingError(
-                        f"loss became non-finite ({loss.item()} here) {where}at epoch {epoch + 1}, batch {b + 1}: "
-                        f"lower --lr (now {config.lr}); the last good checkpoint is {run.checkpoint}"), ranks)
-                optimizer.step()
-                loss_sum += loss.item() * len(yb)
-                correct += (logits.argmax(1) == yb).sum().item()
-                if bar is not None:
-                    bar.advance(loss.item(), correct / min(n_train, (b + 1) * config.batch_size) * ranks.world_size)
+            loss_sum, correct, batch = _train_epoch(net, optimizer, x_train, y_train, order, config, ranks, bar,
+                                                    epoch, run.checkpoint)
         loss_sum, correct = distributed.all_sum([loss_sum, correct], ranks, device)
         train_seconds = distributed.all_max([time.perf_counter() - started], ranks, device)[0]
         test_accuracy = evaluate(model, x_test, y_test, ranks=ranks)
@@ -205,16 +197,9 @@ def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: Callable[[int
         rewire_seconds = 0.0
         if rewirer is not None and epoch < config.epochs - 1:  # no rewiring after the last epoch
             started = time.perf_counter()
-            # Every rank rewires from the same state with the same (global) last batch, so every
-            # rank decides alike; the digests prove it before DDP is rebuilt around the new wiring.
-            rewire_batch = batch.to(device)
-            if ranks.distributed:
-                net = distributed.unwrap(net)  # DDP's references would block resizing the parameters
-            reports = rewirer.step(batch=(x_train[rewire_batch], y_train[rewire_batch]),
-                                   compress=not guard.get("compression_paused", 0))
-            if ranks.distributed:
-                distributed.check_synchronized(model, optimizer, ranks, f"after rewiring step {epoch + 1}")
-                net = distributed.wrap(model, ranks, device)
+            last_batch = (x_train[batch.to(device)], y_train[batch.to(device)])
+            net, reports = _rewire(rewirer, net, last_batch, not guard.get("compression_paused", 0), ranks,
+                                   f"after rewiring step {epoch + 1}")
             rewire_seconds = time.perf_counter() - started
             topology += [{"epoch": epoch + 1, **r.as_dict()} for r in reports]
 
@@ -253,6 +238,54 @@ def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: Callable[[int
         final_info = {"config": config.to_dict(), "sizes": model.sizes, "summary": summary}
         atomic_write(run.final / "config.json", json.dumps(final_info, indent=2))
     return summary
+
+
+def _rewire(rewirer: Rewirer, net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], compress: bool,
+            ranks: Ranks, when: str) -> tuple[nn.Module, list]:
+    """One rewiring step; returns (the model as training calls it, the layer reports).
+
+    Every rank rewires from the same state with the same (global) batch, so every rank decides
+    alike; the digests prove it before DDP is rebuilt around the new wiring."""
+    if not ranks.distributed:
+        return net, rewirer.step(batch=batch, compress=compress)
+    model = distributed.unwrap(net)  # DDP's references would block resizing the parameters
+    reports = rewirer.step(batch=batch, compress=compress)
+    distributed.check_synchronized(model, rewirer.optimizer, ranks, when)
+    return distributed.wrap(model, ranks, next(model.parameters()).device), reports
+
+
+def _train_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                 order: torch.Tensor, config: TrainConfig, ranks: Ranks, bar, epoch: int,
+                 checkpoint: Path) -> tuple[float, float, torch.Tensor]:
+    """One pass over ``order`` in global batches of ``config.batch_size``, this rank training on
+    its shard of each. Returns (this rank's summed loss, its correct predictions, the last
+    global batch's indices)."""
+    loss_sum = correct = 0.0
+    size = config.batch_size
+    for b in range(math.ceil(len(order) / size)):
+        batch = order[b * size : (b + 1) * size]
+        index = distributed.shard(batch, ranks).to(x.device)
+        xb, yb = x[index], y[index]
+        optimizer.zero_grad(set_to_none=True)
+        logits = net(xb)
+        loss = F.cross_entropy(logits, yb)
+        # Whether any rank's loss is NaN/inf; the all-reduce runs during backward.
+        non_finite = distributed.any_rank(not torch.isfinite(loss), ranks, x.device)
+        # DDP averages the ranks' gradients; weighting each shard's mean by its share of the
+        # global batch makes that average the global batch's mean, as on one process.
+        share = len(index) * ranks.world_size / len(batch)
+        (loss * share if share != 1 else loss).backward()
+        if non_finite():  # every rank stops here together, before a bad optimizer step
+            where = "on at least one rank " if ranks.distributed else ""
+            raise distributed.shared_error(TrainingError(
+                f"loss became non-finite ({loss.item()} here) {where}at epoch {epoch + 1}, batch {b + 1}: lower "
+                f"--lr (now {config.lr}); the last good checkpoint is {checkpoint}"), ranks)
+        optimizer.step()
+        loss_sum += loss.item() * len(yb)
+        correct += (logits.argmax(1) == yb).sum().item()
+        if bar is not None:
+            bar.advance(loss.item(), correct / min(len(order), (b + 1) * size) * ranks.world_size)
+    return loss_sum, correct, batch
 
 
 def _rng_state(device: torch.device, ranks: Ranks) -> dict:
