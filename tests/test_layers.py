@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from synthprune import SparseLinear, SparseMLP, TopologyError, sparse_layers, sparsify
-from synthprune.layers import CSRLinear, MaskedLinear
+from synthprune.layers import CSRLinear, DenseLinear, MaskedLinear
 
 
 def make(backend, n_in=20, n_out=15, seed=0, **kw):
@@ -52,14 +52,37 @@ def test_csr_gradients_match_dense_autograd():
     dense(xd).pow(2).sum().backward()
     torch.testing.assert_close(xs.grad, xd.grad)
     torch.testing.assert_close(layer.values.grad, dense.weight.grad.view(-1)[layer.keys()])
+    torch.testing.assert_close(layer.bias.grad, dense.bias.grad)
 
 
-def test_csr_gradcheck():
-    layer = make("csr", 6, 5, density=0.5).double()
+@pytest.mark.parametrize("bias", [True, False])
+def test_csr_gradcheck(bias):
+    # The bias is written into the product's output (addmm), so its gradient is ours too.
+    layer = make("csr", 6, 5, density=0.5, bias=bias).double()
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     values = layer.values.detach().clone().requires_grad_()
-    as_function = lambda inp, vals: torch.func.functional_call(layer, {"values": vals}, (inp,))
-    assert torch.autograd.gradcheck(as_function, (x, values))
+    if bias:
+        offsets = torch.randn(5, dtype=torch.float64, requires_grad=True)
+        as_function = lambda inp, vals, b: torch.func.functional_call(layer, {"values": vals, "bias": b}, (inp,))
+        assert torch.autograd.gradcheck(as_function, (x, values, offsets))
+    else:
+        as_function = lambda inp, vals: torch.func.functional_call(layer, {"values": vals}, (inp,))
+        assert torch.autograd.gradcheck(as_function, (x, values))
+
+
+def test_csr_accepts_inputs_in_either_layout():
+    # Row-major inputs (the network's own) and transposed views (a previous sparse layer's
+    # output) give the same results and gradients.
+    layer = make("csr", 30, 25, density=0.2).double()
+    x = torch.randn(7, 30, dtype=torch.float64)
+    transposed = x.t().contiguous().t()
+    a, b = x.clone().requires_grad_(), transposed.clone().requires_grad_()
+    layer(a).pow(2).sum().backward()
+    grads = layer.values.grad.clone(), layer.bias.grad.clone()
+    layer.zero_grad()
+    layer(b).pow(2).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
+    torch.testing.assert_close(grads, (layer.values.grad, layer.bias.grad))
 
 
 def test_extra_leading_dims(backend):
@@ -152,7 +175,7 @@ def test_sparse_mlp_counts_and_dense_output():
     model = SparseMLP([784, 1000, 1000, 1000, 10], epsilon=20, seed=0)
     layers = dict(sparse_layers(model))
     assert [layer.nnz for layer in layers.values()] == [20 * 1784, 20 * 2000, 20 * 2000]
-    assert type(model.fc4) is nn.Linear
+    assert type(model.fc4) is DenseLinear and isinstance(model.fc4, nn.Linear)
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
@@ -209,3 +232,20 @@ def test_deepcopy_and_pickle_keep_the_layer(backend):
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert type(clone.fc1) is type(model.fc1)
         torch.testing.assert_close(clone(x), model(x))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_dense_linear_gives_nn_linear_results_in_either_layout(bias):
+    layer = DenseLinear(30, 10, bias=bias).double()
+    reference = nn.Linear(30, 10, bias=bias).double()
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(7, 30, dtype=torch.float64)
+    for inputs in (x, x.t().contiguous().t()):  # row-major, and a csr layer's output layout
+        a, b = inputs.clone().requires_grad_(), inputs.clone().requires_grad_()
+        layer.zero_grad()
+        reference.zero_grad()
+        layer(a).pow(2).sum().backward()
+        reference(b).pow(2).sum().backward()
+        torch.testing.assert_close(a.grad, b.grad)
+        for p, q in zip(layer.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad)

@@ -27,7 +27,7 @@ from torch import nn
 
 from synthprune.topology import TopologyError, check_topology, er_count, keys_to_edge_index, random_keys, uniform_count
 
-__all__ = ["BACKENDS", "INITS", "CSRLinear", "MaskedLinear", "SparseLinear"]
+__all__ = ["BACKENDS", "INITS", "CSRLinear", "DenseLinear", "MaskedLinear", "SparseLinear"]
 
 BACKENDS = ("csr", "masked")
 INITS = ("sparse_kaiming", "dense_default")
@@ -217,28 +217,61 @@ class SparseLinear(nn.Module):
         check_topology(keys, self.out_features, self.in_features)
 
 
+class DenseLinear(nn.Linear):
+    """An ``nn.Linear`` (same parameters, same state dict) that is also fast on inputs in the
+    transposed layout the csr backend produces: a ``[B, n]`` view of a contiguous ``[n, B]``.
+    On such inputs ``F.linear`` takes a CPU path ~6× slower than ``(W xᵀ)ᵀ`` (measured here,
+    1000 → 10 at batch 128: 254 µs against 40 µs), so the reference MLP's dense output layer
+    cost more than its sparse layers. Row-major inputs take ``F.linear`` as before."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] > 1 and x.stride(0) == 1 and x.stride(1) == x.shape[0]:
+            x_t = x.t()  # [n_in, B], contiguous
+            if self.bias is None:
+                return torch.mm(self.weight, x_t).t()
+            return torch.addmm(self.bias.unsqueeze(1), self.weight, x_t).t()
+        return F.linear(x, self.weight, self.bias)
+
+
 class _CSRLinearFunction(torch.autograd.Function):
-    """``y = x Wᵀ`` with ``W`` given as CSR parts; gradients for ``x`` and the values only."""
+    """``y = x Wᵀ + b`` with ``W`` given as CSR parts; gradients for ``x``, the values and ``b``.
+
+    Layout: MKL's CSR × dense product wants the dense operand row-major, i.e. ``xᵀ`` as a
+    contiguous ``[n_in, B]``. The output is returned as the transposed view of a contiguous
+    ``[n_out, B]``, and elementwise layers keep that layout, so the next sparse layer's ``xᵀ``
+    is contiguous for free; only the network's own input is copied, once for forward and
+    backward. ``addmm`` writes the bias (or nothing, ``beta=0``) straight into the output:
+    ``torch.sparse.mm`` would zero-fill it and copy it before the product, and the bias add
+    would be a third pass over an activation-sized tensor.
+    """
 
     @staticmethod
-    def forward(ctx, x, values, crow, col, t_crow, t_col, t_perm, n_out, n_in):
+    def forward(ctx, x, values, bias, crow, col, t_crow, t_col, t_perm, n_out, n_in):
         weight = torch.sparse_csr_tensor(crow, col, values, (n_out, n_in), check_invariants=False)
-        ctx.save_for_backward(x, values, crow, col, t_crow, t_col, t_perm)
+        x_t = x.t().contiguous()  # [n_in, B]; a no-op for activations from a previous sparse layer
+        ctx.save_for_backward(x_t, values, crow, col, t_crow, t_col, t_perm)
         ctx.shape = (n_out, n_in)
-        return torch.sparse.mm(weight, x.t()).t()
+        if bias is None:
+            y_t = torch.addmm(x_t.new_empty(n_out, x_t.shape[1]), weight, x_t, beta=0.0)
+        else:
+            y_t = torch.addmm(bias.unsqueeze(1), weight, x_t)
+        return y_t.t()
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, values, crow, col, t_crow, t_col, t_perm = ctx.saved_tensors
+        x_t, values, crow, col, t_crow, t_col, t_perm = ctx.saved_tensors
         n_out, n_in = ctx.shape
-        grad_x = grad_values = None
+        grad_t = grad_out.t()  # [n_out, B]
+        grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:  # dL/dx = dL/dy · W, via the cached transpose Wᵀ in CSR
             weight_t = torch.sparse_csr_tensor(t_crow, t_col, values[t_perm], (n_in, n_out), check_invariants=False)
-            grad_x = torch.sparse.mm(weight_t, grad_out.t()).t()
+            grad_x = torch.addmm(grad_t.new_empty(n_in, grad_t.shape[1]), weight_t, grad_t, beta=0.0).t()
         if ctx.needs_input_grad[1]:  # dL/dW only at the connections: (dL/dyᵀ · x) sampled
             pattern = torch.sparse_csr_tensor(crow, col, values.detach(), (n_out, n_in), check_invariants=False)
-            grad_values = torch.sparse.sampled_addmm(pattern, grad_out.t(), x, beta=0.0).values()
-        return grad_x, grad_values, None, None, None, None, None, None, None
+            grad_values = torch.sparse.sampled_addmm(pattern, grad_t, x_t.t(), beta=0.0).values()
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.sum(0)
+        return grad_x, grad_values, grad_bias, None, None, None, None, None, None, None
 
 
 class CSRLinear(SparseLinear):
@@ -312,11 +345,9 @@ class CSRLinear(SparseLinear):
         self._check_input(x)
         flat = x.reshape(-1, self.in_features)
         y = _CSRLinearFunction.apply(
-            flat, self.values, self.crow_indices, self.col_indices,
+            flat, self.values, self.bias, self.crow_indices, self.col_indices,
             self._t_crow, self._t_col, self._t_perm, self.out_features, self.in_features,
         )
-        if self.bias is not None:
-            y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

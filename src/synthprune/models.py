@@ -10,7 +10,7 @@ from itertools import pairwise
 import torch
 from torch import nn
 
-from synthprune.layers import SparseLinear, check_backend, initial_values
+from synthprune.layers import DenseLinear, SparseLinear, check_backend, initial_values
 from synthprune.topology import er_count, erk_counts, uniform_count
 
 __all__ = ["ACTIVATIONS", "DISTRIBUTIONS", "SparseMLP", "sparse_layers", "sparsify"]
@@ -73,7 +73,7 @@ def _make_layer(
     if count < n_in * n_out:
         return SparseLinear(n_in, n_out, connections=count, backend=backend, init=init, bias=bias,
                             generator=generator, device=device, dtype=dtype)
-    dense = nn.Linear(n_in, n_out, bias=bias, device=device, dtype=dtype)
+    dense = DenseLinear(n_in, n_out, bias=bias, device=device, dtype=dtype)
     values, bias_values = initial_values(init, count, n_in, n_out, generator, dense.weight.dtype)
     with torch.no_grad():
         dense.weight.copy_(values.view(n_out, n_in))
@@ -156,7 +156,7 @@ def sparsify(
     """
     check_backend(backend)
     exclude = set(exclude)
-    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    linears = [(name, m) for name, m in model.named_modules() if type(m) in (nn.Linear, DenseLinear)]
     unknown = exclude - {name for name, _ in linears}
     if unknown:
         raise ValueError(f"exclude names no linear layer: {sorted(unknown)}; "

@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from synthprune.layers import CSRLinear, SparseLinear
+from synthprune.layers import CSRLinear, DenseLinear, SparseLinear
 from synthprune.models import ACTIVATIONS
 from synthprune.rundir import atomic_write
 
@@ -143,7 +143,7 @@ def _empty_layer(n_in: int, n_out: int, form: str) -> nn.Module:
     if form == "dense" or n_in == 0 or n_out == 0:  # a layer with no neurons on a side has no wiring to index
         with warnings.catch_warnings():  # "initializing zero-element tensors": values are filled in after
             warnings.simplefilter("ignore", UserWarning)
-            return nn.Linear(n_in, n_out)
+            return DenseLinear(n_in, n_out)
     layer = CSRLinear(n_in, n_out, connections=1)
     layer.set_connections(torch.zeros(0, dtype=torch.long), torch.zeros(0))
     return layer
