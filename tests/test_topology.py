@@ -14,6 +14,7 @@ from synthprune.topology import (
     contains,
     er_count,
     erk_counts,
+    multinomial_with_replacement,
     place_growth,
     random_keys,
     sample_free,
@@ -167,3 +168,35 @@ def test_select_lowest_equals_a_stable_sort(scores, data):
 def test_unique_in_order_keeps_first_occurrences(values):
     expected = list(dict.fromkeys(values))
     assert unique_in_order(torch.tensor(values, dtype=torch.long)).tolist() == expected
+
+
+def per_sign_set_scores(values):
+    """The SET criterion as first written (one stable sort per sign): the specification."""
+    scores = torch.full_like(values, -1.0)
+    for sign_mask, magnitude in ((values > 0, values), (values < 0, -values)):
+        n = int(sign_mask.sum())
+        if n:
+            ranks = torch.empty(n, dtype=values.dtype)
+            ranks[torch.sort(magnitude[sign_mask], stable=True).indices] = torch.arange(n, dtype=values.dtype)
+            scores[sign_mask] = (ranks + 0.5) / n
+    return scores
+
+
+@given(data=st.lists(st.sampled_from([0.0, -0.0, 0.5, -0.5, 1e-30, -1e-30, 3.0, -3.0, 1e30]) | st.floats(-4, 4),
+                     max_size=200),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]))
+def test_set_scores_match_the_per_sign_specification_including_ties(data, dtype):
+    values = torch.tensor(data, dtype=torch.float64).to(dtype)  # repeats: many exact ties
+    assert torch.equal(set_scores(values), per_sign_set_scores(values))
+
+
+@given(weights=st.lists(st.floats(0, 1000) | st.just(0.0), min_size=1, max_size=300), n=st.integers(1, 3000),
+       seed=st.integers(0, 2**31))
+def test_multinomial_with_replacement_is_torch_multinomial_draw_for_draw(weights, n, seed):
+    weights = torch.tensor(weights, dtype=torch.float32)
+    if not weights.sum() > 0:
+        weights[0] = 1.0
+    ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    expected = torch.multinomial(weights, n, replacement=True, generator=theirs)
+    assert torch.equal(multinomial_with_replacement(weights, n, ours), expected)
+    assert torch.equal(ours.get_state(), theirs.get_state())  # the next draws agree too

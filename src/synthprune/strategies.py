@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from synthprune.topology import Proposer, normal_cdf, top_gradient_slots, zscore
+from synthprune.topology import Proposer, multinomial_with_replacement, normal_cdf, top_gradient_slots, zscore
 
 __all__ = [
     "GrowContext",
@@ -134,14 +134,32 @@ def set_scores(values: torch.Tensor) -> torch.Tensor:
     equal *fractions* of each sign -- pruning the k lowest of these scores removes ≈ζ of the
     positive and ≈ζ of the negative weights, with an exact total. Exact zeros (e.g. connections
     grown at 0 that never moved) go before either, as in SET's reference code."""
-    scores = torch.full_like(values, -1.0)
-    for sign_mask, magnitude in ((values > 0, values), (values < 0, -values)):
-        n = int(sign_mask.sum())
-        if n:
-            ranks = torch.empty(n, dtype=values.dtype)
-            ranks[torch.sort(magnitude[sign_mask], stable=True).indices] = torch.arange(n, dtype=values.dtype)
-            scores[sign_mask] = (ranks + 0.5) / n  # fraction of its sign group below it
+    positive, negative = values > 0, values < 0
+    order = _sign_then_magnitude_order(values, positive, negative)
+    n_pos, n_neg = int(positive.sum()), int(negative.sum())
+    n_zero = values.numel() - n_pos - n_neg
+
+    def fractions(n: int) -> torch.Tensor:  # rank within the sign group -> fraction below it
+        return (torch.arange(n, dtype=values.dtype) + 0.5) / n
+
+    scores = torch.empty_like(values)
+    scores[order] = torch.cat([torch.full((n_zero,), -1.0, dtype=values.dtype), fractions(n_pos), fractions(n_neg)])
     return scores
+
+
+def _sign_then_magnitude_order(values: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """Positions of ``values`` ordered as zeros, then positive weights by magnitude, then
+    negative ones by magnitude; ties keep position order (exactly the order of a stable sort
+    within each sign group). The bit pattern of a non-negative float orders like the float, so
+    for floats up to 32 bits one stable sort of integer keys does it; float64 bit patterns
+    leave no room for a group offset in int64, so there a second stable sort orders groups."""
+    group = torch.where(negative, 2, positive.long())  # 0 zero, 1 positive, 2 negative
+    if values.element_size() <= 4:
+        bits = values.abs().view({4: torch.int32, 2: torch.int16}[values.element_size()]).long()
+        keys = torch.where(group == 0, -1, bits + (group - 1) * (1 << (8 * values.element_size())))
+        return torch.sort(keys, stable=True).indices
+    by_magnitude = torch.sort(values.abs(), stable=True).indices
+    return by_magnitude[torch.sort(group[by_magnitude], stable=True).indices]
 
 
 # --------------------------------------------------------------------------- grow strategies
@@ -228,8 +246,8 @@ def grow_synthesis(
         end_p = end_mask.to(t.dtype)
 
     def propose(n: int, generator: torch.Generator) -> torch.Tensor:
-        starts = torch.multinomial(start_p, n, replacement=True, generator=generator)
-        ends = torch.multinomial(end_p, n, replacement=True, generator=generator)
+        starts = multinomial_with_replacement(start_p, n, generator)
+        ends = multinomial_with_replacement(end_p, n, generator)
         return ends * ctx.n_in + starts
 
     return propose

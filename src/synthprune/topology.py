@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "er_count",
     "erk_counts",
     "keys_to_edge_index",
+    "multinomial_with_replacement",
     "place_growth",
     "random_keys",
     "sample_free",
@@ -136,6 +138,28 @@ def select_lowest(scores: torch.Tensor, k: int, protected: torch.Tensor | None =
 
 
 # --------------------------------------------------------------------------- sampling
+def multinomial_with_replacement(weights: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``torch.multinomial(weights, n, replacement=True, generator=generator)``, the same draws
+    and the same generator state afterwards, ~1.5x faster on CPU for thousands of draws.
+
+    PyTorch's CPU kernel forms the cumulative distribution as sequential float sums, divides it
+    by the total, sets its last entry to 1, and binary-searches one double-precision uniform per
+    draw. This does the same with NumPy's sequential ``cumsum`` (same dtype, same order of
+    additions), one ``torch.rand`` call (the same uniforms: both take 53 bits of one 64-bit draw
+    each) and ``searchsorted``. A property test checks the identity draw for draw; one draw
+    (PyTorch's own fast path), other dtypes and non-CPU weights go to ``torch.multinomial``.
+    """
+    if n <= 1 or weights.dtype != torch.float32 or weights.device.type != "cpu" or weights.dim() != 1:
+        return torch.multinomial(weights, n, replacement=True, generator=generator)
+    if not bool((weights >= 0).all()) or not float(weights.sum()) > 0 or not bool(weights.isfinite().all()):
+        return torch.multinomial(weights, n, replacement=True, generator=generator)  # its own errors
+    cumulative = np.cumsum(weights.numpy(), dtype=np.float32)
+    cumulative /= cumulative[-1]
+    cumulative[-1] = 1
+    uniforms = torch.rand(n, dtype=torch.float64, generator=generator)
+    return torch.searchsorted(torch.from_numpy(cumulative).double(), uniforms)
+
+
 
 
 def sample_free(
