@@ -251,10 +251,7 @@ class _CSRLinearFunction(torch.autograd.Function):
         x_t = x.t().contiguous()  # [n_in, B]; a no-op for activations from a previous sparse layer
         ctx.save_for_backward(x_t, values, crow, col, t_crow, t_col, t_perm)
         ctx.shape = (n_out, n_in)
-        if bias is None:
-            y_t = torch.addmm(x_t.new_empty(n_out, x_t.shape[1]), weight, x_t, beta=0.0)
-        else:
-            y_t = torch.addmm(bias.unsqueeze(1), weight, x_t)
+        y_t = _product_into_new(weight, x_t) if bias is None else torch.addmm(bias.unsqueeze(1), weight, x_t)
         return y_t.t()
 
     @staticmethod
@@ -265,13 +262,21 @@ class _CSRLinearFunction(torch.autograd.Function):
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:  # dL/dx = dL/dy · W, via the cached transpose Wᵀ in CSR
             weight_t = torch.sparse_csr_tensor(t_crow, t_col, values[t_perm], (n_in, n_out), check_invariants=False)
-            grad_x = torch.addmm(grad_t.new_empty(n_in, grad_t.shape[1]), weight_t, grad_t, beta=0.0).t()
+            grad_x = _product_into_new(weight_t, grad_t).t()
         if ctx.needs_input_grad[1]:  # dL/dW only at the connections: (dL/dyᵀ · x) sampled
             pattern = torch.sparse_csr_tensor(crow, col, values.detach(), (n_out, n_in), check_invariants=False)
             grad_values = torch.sparse.sampled_addmm(pattern, grad_t, x_t.t(), beta=0.0).values()
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum(0)
         return grad_x, grad_values, grad_bias, None, None, None, None, None, None, None
+
+
+def _product_into_new(sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """``sparse @ dense`` into fresh memory: ``addmm`` with ``beta=0`` ignores its input (NaN
+    included), and giving the same tensor as ``out`` spares the copy of the input into the
+    result that ``torch.sparse.mm`` and a plain ``addmm`` both make."""
+    result = dense.new_empty(sparse.shape[0], dense.shape[1])
+    return torch.addmm(result, sparse, dense, beta=0.0, out=result)
 
 
 class CSRLinear(SparseLinear):
@@ -284,7 +289,7 @@ class CSRLinear(SparseLinear):
         self.register_buffer("crow_indices", torch.zeros(self.out_features + 1, dtype=torch.long, device=keys.device))
         self.register_buffer("col_indices", keys % self.in_features)
         # Derived index structures: rebuilt only when the topology changes, not per step.
-        for name in ("_rows", "_t_crow", "_t_col", "_t_perm"):
+        for name in ("_rows", "_crow", "_col", "_t_crow", "_t_col", "_t_perm"):
             self.register_buffer(name, torch.empty(0, dtype=torch.long, device=keys.device), persistent=False)
         self._index_from_keys(keys)
 
@@ -299,10 +304,16 @@ class CSRLinear(SparseLinear):
             counts = self.crow_indices.diff()
             rows = torch.repeat_interleave(torch.arange(self.out_features, device=counts.device), counts)
         self._rows = rows
+        # The products take 32-bit indices where they fit: MKL's are 32-bit, and given 64-bit
+        # ones PyTorch converts them on every call (a third of a 16,000-wide MLP's step).
+        fits = max(self.nnz, self.in_features, self.out_features) < 2**31 - 1
+        index_dtype = torch.int32 if fits else torch.long
+        self._crow, self._col = self.crow_indices.to(index_dtype), self.col_indices.to(index_dtype)
         # The transpose Wᵀ (CSC order of W): permutation from CSR order, and its CSR indices.
-        self._t_perm = torch.argsort(self.col_indices * self.out_features + rows)
-        self._t_col = rows[self._t_perm]
-        self._t_crow = _crow_from_sorted_rows(self.col_indices[self._t_perm], self.in_features)
+        # Rows are sorted, so a stable sort by column gives (column, row) order.
+        self._t_perm = torch.sort(self.col_indices, stable=True).indices
+        self._t_col = rows[self._t_perm].to(index_dtype)
+        self._t_crow = _crow_from_sorted_rows(self.col_indices[self._t_perm], self.in_features).to(index_dtype)
 
     def keys(self) -> torch.Tensor:
         return self._rows * self.in_features + self.col_indices
@@ -345,7 +356,7 @@ class CSRLinear(SparseLinear):
         self._check_input(x)
         flat = x.reshape(-1, self.in_features)
         y = _CSRLinearFunction.apply(
-            flat, self.values, self.bias, self.crow_indices, self.col_indices,
+            flat, self.values, self.bias, self._crow, self._col,
             self._t_crow, self._t_col, self._t_perm, self.out_features, self.in_features,
         )
         return y.reshape(*x.shape[:-1], self.out_features)
