@@ -21,6 +21,7 @@ import logging
 import os
 import pickle
 import sys
+import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from synthprune.models import sparse_layers
 
 __all__ = [
     "SINGLE", "Ranks", "SynchronizationError", "all_max", "all_sum", "any_rank", "check_synchronized", "device_for",
-    "gather", "launch_local", "on_main", "shard", "shared_error", "start", "stop", "synchronized_digests",
+    "gather", "launch_local", "leave", "on_main", "shard", "shared_error", "start", "stop", "synchronized_digests",
     "unwrap", "wrap",
 ]
 
@@ -127,6 +128,23 @@ def launch_local(nproc: int, args: list[str]) -> int:
     except (SignalException, KeyboardInterrupt):  # Ctrl-C: the workers checkpoint and stop
         return 130
     return 0
+
+
+def leave(ranks: Ranks, error: BaseException | None = None,
+          expected: tuple[type[BaseException], ...] = ()) -> None:
+    """End of a run: free the DDP wrapper, then :func:`stop`. ``error``: what the run raised.
+
+    The wrapper must be gone before the process group, or its reducer may abort the process
+    at exit; the error's traceback holds the frames that hold it, so it is dropped. An error
+    not in ``expected`` (nor a :class:`SynchronizationError`) is a bug: its traceback is
+    printed first, prefixed with the rank."""
+    if ranks.distributed:
+        if error is not None:
+            if not isinstance(error, (*expected, SynchronizationError)):
+                print(f"[rank {ranks.rank}] " + "".join(traceback.format_exception(error)), file=sys.stderr)
+            error.__traceback__ = None
+        gc.collect()  # DDP objects sit in reference cycles
+    stop(ranks, together=error is None or getattr(error, "shared_by_all_ranks", False))
 
 
 def stop(ranks: Ranks, *, together: bool = True) -> None:

@@ -6,12 +6,9 @@ checkpoint. The run directory is the only output; analysis reads it afterwards.
 
 from __future__ import annotations
 
-import gc
 import json
 import math
-import sys
 import time
-import traceback
 from collections.abc import Callable
 from contextlib import nullcontext
 from itertools import pairwise
@@ -114,18 +111,9 @@ def fit(
     error: BaseException | None = None
     try:
         summary = _fit(config, RunDir(out), resume, progress, log, ranks)
-    except BaseException as exc:
+    except BaseException as exc:  # handled outside the except block, where its frames can go
         error = exc
-    if ranks.distributed:
-        # The DDP wrapper must be gone before the process group, or its reducer may abort the
-        # process at exit: drop the frames that hold it (the CLI prints one line anyway).
-        if error is not None:
-            if not isinstance(error, (ValueError, OSError, TrainingError, KeyboardInterrupt,
-                                      distributed.SynchronizationError)):  # a bug: keep its traceback
-                print(f"[rank {ranks.rank}] " + "".join(traceback.format_exception(error)), file=sys.stderr)
-            error.__traceback__ = None
-        gc.collect()  # DDP objects sit in reference cycles
-    distributed.stop(ranks, together=error is None or getattr(error, "shared_by_all_ranks", False))
+    distributed.leave(ranks, error, expected=(ValueError, OSError, TrainingError, KeyboardInterrupt))
     if error is not None:
         raise error
     return summary
