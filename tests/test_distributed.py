@@ -128,9 +128,10 @@ def test_two_processes_match_one_with_the_same_global_batch(two_process_run, tmp
 
 
 def test_an_interrupted_two_process_run_resumes_exactly(two_process_run, tmp_path):
+    # With the accuracy guard: validation is sharded too, and every rank must pause alike.
+    guarded = [*RUN_ARGS, "--epochs", "12", "--accuracy-guard", "0.5", "--nproc", "2"]
     out = tmp_path / "interrupted"
-    args = [sys.executable, "-m", "synthprune", "train", *RUN_ARGS, "--epochs", "12", "--nproc", "2",
-            "--out", str(out)]
+    args = [sys.executable, "-m", "synthprune", "train", *guarded, "--out", str(out)]
     process = subprocess.Popen(args, env=WORKER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None and (
@@ -145,13 +146,14 @@ def test_an_interrupted_two_process_run_resumes_exactly(two_process_run, tmp_pat
     resumed = synthprune("train", "--resume", "--out", str(out), "--nproc", "2", "--quiet", "--no-plots")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     whole = tmp_path / "whole"
-    assert synthprune("train", *RUN_ARGS, "--epochs", "12", "--nproc", "2", "--out", str(whole)).returncode == 0
+    assert synthprune("train", *guarded, "--out", str(whole)).returncode == 0
     # Same processes, same shards, same all-reduce order: bit for bit.
     resumed_model, whole_model = (load_file(run / "final" / "model.safetensors") for run in (out, whole))
     assert resumed_model.keys() == whole_model.keys()
     assert all(torch.equal(resumed_model[k], whole_model[k]) for k in whole_model)
     strip = lambda table: [{k: v for k, v in row.items() if "seconds" not in k} for row in table]
     assert strip(rows(out)) == strip(rows(whole))
+    assert "validation_accuracy" in rows(whole)[0] and "compression_paused" in rows(whole)[0]
 
 
 def test_a_refused_run_prints_one_error_not_one_per_process(two_process_run):
