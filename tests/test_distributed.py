@@ -168,3 +168,15 @@ def test_a_nan_loss_on_any_rank_stops_every_rank_with_one_error(tmp_path):
     assert result.returncode == 1, result.stderr[-3000:]
     assert result.stderr.count("error:") == 1 and "loss became non-finite" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_last_batch_of_one_leaves_a_rank_an_empty_shard_and_still_matches_one_process(tmp_path):
+    # 321 = 10 batches of 32 + 1: in the last batch rank 1 has no example at all. Its loss must
+    # not read as NaN (the mean of nothing), and its zero gradient still joins the all-reduce.
+    args = ["--preset", "digits-mlp", "--limit-train", "321", "--epochs", "2", "--quiet", "--no-plots"]
+    two = synthprune("train", *args, "--nproc", "2", "--out", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert main(["train", *args, "--out", str(tmp_path / "one")]) == 0
+    for a, b in zip(rows(tmp_path / "one"), rows(tmp_path / "two"), strict=True):
+        assert float(b["train_loss"]) == pytest.approx(float(a["train_loss"]), rel=1e-5)
+        assert b["test_accuracy"] == a["test_accuracy"]

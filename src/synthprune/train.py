@@ -256,13 +256,18 @@ def _train_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
         xb, yb = x[index], y[index]
         optimizer.zero_grad(set_to_none=True)
         logits = net(xb)
-        loss = F.cross_entropy(logits, yb)
+        if ranks.distributed:
+            # DDP averages the ranks' gradients: each shard's loss *sum* over the global batch
+            # size, times the number of ranks, makes that average the global batch's mean, as
+            # on one process -- also when a shard is short or empty (a last batch of 1).
+            shard_sum = F.cross_entropy(logits, yb, reduction="sum")
+            objective = shard_sum * (ranks.world_size / len(batch))
+            loss = shard_sum.detach() / max(len(yb), 1)
+        else:
+            objective = loss = F.cross_entropy(logits, yb)
         # Whether any rank's loss is NaN/inf; the all-reduce runs during backward.
-        non_finite = distributed.any_rank(not torch.isfinite(loss), ranks, x.device)
-        # DDP averages the ranks' gradients; weighting each shard's mean by its share of the
-        # global batch makes that average the global batch's mean, as on one process.
-        share = len(index) * ranks.world_size / len(batch)
-        (loss * share if share != 1 else loss).backward()
+        non_finite = distributed.any_rank(not torch.isfinite(objective), ranks, x.device)
+        objective.backward()
         if non_finite():  # every rank stops here together, before a bad optimizer step
             where = "on at least one rank " if ranks.distributed else ""
             raise distributed.shared_error(TrainingError(
