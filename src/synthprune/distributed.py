@@ -160,9 +160,10 @@ def stop(ranks: Ranks, *, together: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def shard(batch: torch.Tensor, ranks: Ranks) -> torch.Tensor:
-    """This rank's contiguous share of a global batch of indices (sizes differ by at most one)."""
-    return batch.tensor_split(ranks.world_size)[ranks.rank] if ranks.distributed else batch
+def shard(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """This rank's contiguous share of ``tensor`` along dim 0, a view (e.g. of a global batch of
+    indices, or of the test set); the shares' sizes differ by at most one."""
+    return tensor.tensor_split(ranks.world_size)[ranks.rank] if ranks.distributed else tensor
 
 
 def _reduce(values: list[float], ranks: Ranks, device: torch.device, op: str) -> list[float]:

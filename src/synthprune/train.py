@@ -81,9 +81,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     """Accuracy in [0, 1] (eval mode: no dropout); in a distributed run each rank scores its
     shard of ``x`` and the counts are summed."""
     model.eval()
-    mine = distributed.shard(torch.arange(len(y), device=y.device), ranks)
-    correct = sum(int((model(x[mine[i : i + batch_size]]).argmax(1) == y[mine[i : i + batch_size]]).sum())
-                  for i in range(0, len(mine), batch_size))
+    x_mine, y_mine = distributed.shard(x, ranks), distributed.shard(y, ranks)  # views, no copies
+    correct = sum(int((model(x_mine[i : i + batch_size]).argmax(1) == y_mine[i : i + batch_size]).sum())
+                  for i in range(0, len(y_mine), batch_size))
     return distributed.all_sum([correct], ranks, y.device)[0] / len(y)
 
 
@@ -185,7 +185,8 @@ def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: Callable[[int
         rewire_seconds = 0.0
         if rewirer is not None and epoch < config.epochs - 1:  # no rewiring after the last epoch
             started = time.perf_counter()
-            last_batch = (x_train[batch.to(device)], y_train[batch.to(device)])
+            last = batch.to(device)
+            last_batch = (x_train[last], y_train[last])
             net, reports = _rewire(rewirer, net, last_batch, not guard.get("compression_paused", 0), ranks,
                                    f"after rewiring step {epoch + 1}")
             rewire_seconds = time.perf_counter() - started
@@ -274,10 +275,11 @@ def _train_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
                 f"loss became non-finite ({loss.item()} here) {where}at epoch {epoch + 1}, batch {b + 1}: lower "
                 f"--lr (now {config.lr}); the last good checkpoint is {checkpoint}"), ranks)
         optimizer.step()
-        loss_sum += loss.item() * len(yb)
+        batch_loss = loss.item()
+        loss_sum += batch_loss * len(yb)
         correct += (logits.argmax(1) == yb).sum().item()
         if bar is not None:
-            bar.advance(loss.item(), correct / min(len(order), (b + 1) * size) * ranks.world_size)
+            bar.advance(batch_loss, correct / min(len(order), (b + 1) * size) * ranks.world_size)
     return loss_sum, correct, batch
 
 
