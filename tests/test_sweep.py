@@ -66,7 +66,9 @@ def test_rerun_resumes_interrupted_runs_and_skips_finished_ones(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         fit(runs[0].config, runs[0].out, log=lambda line: None)
     monkeypatch.undo()
-    RunDir(runs[1].out).prepare(runs[1].config.to_dict(), resume=False)
+    unstarted = RunDir(runs[1].out)
+    unstarted.prepare(runs[1].config.to_dict(), resume=False)
+    unstarted.release()
     fit(runs[2].config, runs[2].out, log=lambda line: None)
 
     actions = {}

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from synthprune.config import PRESETS, TRAIN_BACKENDS, load_config
+from synthprune.config import PRESETS, TRAIN_BACKENDS, ConfigError, load_config
 from synthprune.data import DATASETS
 from synthprune.strategies import grow_options, list_strategies
 
@@ -31,10 +31,18 @@ except ImportError:  # pragma: no cover - depends on the typer version
     pass
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
     help="Train sparse MLPs whose wiring evolves (strategic synthesis, SET, RigL) and inspect the runs.",
 )
-console = Console(stderr=False)
+# soft wrap: a long path is never broken across lines; no markup: a "[x]" in a path or message is text.
+console = Console(stderr=False, soft_wrap=True, markup=False)
+# Off a terminal (a log, a pipe, CI) tables are laid out at their natural width, never cut to 80.
+UNBOUNDED = 10_000
+
+
+def show(renderable) -> None:
+    """Print a table (or text): wrapped to the terminal on one, whole everywhere else."""
+    console.print(renderable, width=None if console.is_terminal else UNBOUNDED, highlight=False)
 
 
 class EpochBar:
@@ -139,7 +147,17 @@ def train(
             raise ValueError(f"--resume continues with the run's saved config.yaml; drop {dropped}")
         if out is None:
             raise ValueError("--resume needs --out, the run directory to continue")
-    settings = load_config(preset, config, **overrides)
+    try:
+        settings = load_config(preset, config, **overrides)
+    except ConfigError as exc:  # name the flag the bad value came from
+        if exc.key is not None and overrides.get(exc.key) is not None:
+            raise exc.named(f"--{exc.key.replace('_', '-')}") from None
+        raise
+    if settings.compress_to is None:
+        shaping = [f"--{k.replace('_', '-')}" for k in ("compress_scope", "compress_start", "compress_end")
+                   if overrides[k] is not None]
+        if shaping:
+            raise ValueError(f"{shaping[0]} shapes compression, which is off: add --compress-to, or drop it")
     if out is None:
         compressed = f"-c{settings.compress_to}" if settings.compress_to is not None else ""
         out = Path("runs") / f"{preset}-{settings.grow if settings.sparse else 'dense'}{compressed}-s{settings.seed}"
@@ -149,6 +167,7 @@ def train(
         from synthprune.distributed import launch_local
 
         raise typer.Exit(launch_local(nproc, ["train", *command_line(options)]))
+    watch_parent()
     speaks = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 prints and plots
     quiet, plots = quiet or not speaks, plots and speaks
     show_bar = not quiet and console.is_terminal
@@ -166,7 +185,28 @@ def train(
 
         plot_runs([out], Path(out) / "figures")
     if speaks:
-        console.print(summary_table(f"{out}", summary))
+        show(summary_table(f"{out}", summary))
+
+
+def watch_parent() -> None:
+    """A sweep's worker stops (as on Ctrl-C: checkpointed, exit 130) when its sweep dies,
+    however it died -- SIGKILL included -- instead of training on as an orphan."""
+    import signal
+    import threading
+    import time
+
+    from synthprune.experiments import PARENT_ENV
+
+    parent = os.environ.get(PARENT_ENV)
+    if not parent:
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=watch, daemon=True, name="sweep-parent-watch").start()
 
 
 def command_line(options: dict[str, object]) -> list[str]:
@@ -198,7 +238,7 @@ def plot(
 
     target = out or (runs[0] / "figures" if len(runs) == 1 else Path("figures"))
     for path in plot_runs(runs, target):
-        console.print(f"wrote {path}")
+        console.print(f"wrote {path}", highlight=False)
 
 
 @app.command()
@@ -216,8 +256,8 @@ def residual(
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; valid: {', '.join(FORMS)}")
     files = write_residual(run, form)
-    console.print(residual_table(files))
-    console.print(f"wrote {files.folder}/")
+    show(residual_table(files))
+    console.print(f"wrote {files.folder}/", highlight=False)
 
 
 def residual_table(files) -> Table:
@@ -258,7 +298,7 @@ def export(
     if not onnx:
         raise ValueError("choose a format: --onnx")
     path = export_onnx(run, out)
-    console.print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+    console.print(f"wrote {path} ({path.stat().st_size:,} bytes)", highlight=False)
 
 
 @app.command()
@@ -299,7 +339,8 @@ def sweep(
     if epochs is not None:
         common["epochs"] = epochs
     runs = plan(configs, seed_list or [0], out, preset, common)
-    console.print(f"sweep: {len(configs)} configurations x {len(seed_list or [0])} seeds = {len(runs)} runs -> {out}")
+    console.print(f"sweep: {len(configs)} configurations x {len(seed_list or [0])} seeds = {len(runs)} runs -> {out}",
+                  highlight=False)
     progress = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=True)
     task = progress.add_task("runs", total=len(runs))
@@ -316,7 +357,8 @@ def sweep(
     with progress if console.is_terminal else contextlib.nullcontext():
         results = run_sweep(runs, out, jobs, on_done=done)
     failed = [r for r in results if r.status == "failed"]
-    console.print(f"wrote {out}/sweep.csv and {out}/summary.md" + (f"; {len(failed)} run(s) failed" if failed else ""))
+    console.print(f"wrote {out}/sweep.csv and {out}/summary.md" + (f"; {len(failed)} run(s) failed" if failed else ""),
+                  highlight=False)
     if failed:
         raise typer.Exit(1)
 
@@ -359,7 +401,7 @@ def similarity_command(
         for row in rows:
             previous = "" if row["vs_previous"] is None else f"{row['vs_previous']:.3f}"
             table.add_row(str(row["epoch"]), previous, f"{row['vs_final']:.3f}")
-        console.print(table)
+        show(table)
         return
     if len(runs) < 2:
         raise ValueError("give two or more runs to compare (or one run with --over-epochs)")
@@ -368,12 +410,12 @@ def similarity_command(
         if json_output:
             print(json.dumps(result.as_dict(), indent=2))
         else:
-            console.print(similarity_table(result))
+            show(similarity_table(result))
         return
     folder = out or Path("similarity")
     written = sim.write_matrix(runs, folder, match=match, residual=residual, measure=measure)
     for path in written:
-        console.print(f"wrote {path}")
+        console.print(f"wrote {path}", highlight=False)
 
 
 def similarity_table(result) -> Table:
@@ -417,13 +459,18 @@ def bench(
 
     settings = BenchSettings.quick() if quick else BenchSettings()
     settings.memory = memory
-    log = (lambda line: print(line, file=sys.stderr)) if json_output else (lambda line: console.print(f"[dim]{line}"))
+    def log(line: str) -> None:
+        if json_output:
+            print(line, file=sys.stderr)
+        else:
+            console.print(line, style="dim")
+
     result = run_bench(settings, log)
     if json_output:
         print(json.dumps(result, indent=2))
         return
     for table in bench_tables(result):
-        console.print(table)
+        show(table)
 
 
 def bench_tables(r: dict) -> list[Table]:

@@ -1,4 +1,10 @@
-"""Training configuration: one typed dataclass, named presets, YAML files, validation."""
+"""Training configuration: one typed dataclass, named presets, YAML files, validation.
+
+Every configuration -- a preset with flags, a ``--config`` file, a sweep's runs, the
+``config.yaml`` a resume reads back, a finished run's ``final/config.json`` -- becomes a
+:class:`TrainConfig` through one function, :meth:`TrainConfig.from_dict`, which checks the type
+and range of every value and raises :class:`ConfigError` naming the key.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from synthprune.compression import COMPRESS_SCOPES, parse_target
 from synthprune.data import DATASETS
@@ -17,9 +22,28 @@ from synthprune.models import ACTIVATIONS
 from synthprune.schedules import ZETA_SCHEDULES
 from synthprune.strategies import list_strategies
 
-__all__ = ["PRESETS", "TRAIN_BACKENDS", "TrainConfig", "load_config"]
+__all__ = ["PRESETS", "TRAIN_BACKENDS", "ConfigError", "TrainConfig", "config_from_file", "load_config"]
 
 TRAIN_BACKENDS = (*BACKENDS, "dense")
+MAX_SEED = 2**32 - 1  # the data order seeds a generator with seed·100003 + epoch: keep it in 64 bits
+
+
+class ConfigError(ValueError):
+    """A bad configuration value. ``key`` is the ``TrainConfig`` field it concerns (or ``None``);
+    ``template`` says what is wrong, with ``{key}`` where the key goes (in front if absent), so
+    the command line can show the flag or file the value came from instead (:meth:`named`)."""
+
+    def __init__(self, key: str | None, template: str) -> None:
+        if key is not None and "{key}" not in template:
+            template = "{key} " + template
+        self.key, self.template = key, template
+        super().__init__(template.replace("{key}", key or ""))
+
+    def named(self, where: str) -> ConfigError:
+        """The same error with the key shown as ``where`` (``--flag``, or ``file: key``)."""
+        error = ConfigError(self.key, self.template)
+        error.args = (self.template.replace("{key}", where) if self.key else f"{where}: {self.template}",)
+        return error
 
 
 @dataclass
@@ -84,9 +108,22 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """The one way in: check keys, types and ranges of ``values`` (a mapping of fields,
+        any subset) and return the validated config. Raises :class:`ConfigError`."""
+        if not isinstance(values, dict):
+            raise ConfigError(None, f"a configuration must be a mapping of settings, not {type(values).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields), key=str)
+        if unknown:
+            raise ConfigError(None, f"unknown config key(s) {unknown}; valid: {', '.join(fields)}")
+        typed = {name: _typed(name, str(fields[name].type), value) for name, value in values.items()}
+        return cls(**typed).validate()
+
     def validate(self) -> TrainConfig:
-        """Raise ``ValueError`` naming the first bad value and the valid ones; returns ``self``
-        with ``compress_to`` normalised (a whole count becomes an ``int``)."""
+        """Raise :class:`ConfigError` naming the first bad value and the valid ones; returns
+        ``self`` with ``compress_to`` normalised (a whole count becomes an ``int``)."""
         strategies = list_strategies()
         choices = {
             "dataset": DATASETS, "backend": TRAIN_BACKENDS, "activation": tuple(ACTIVATIONS), "init": INITS,
@@ -95,7 +132,7 @@ class TrainConfig:
         }
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
+                raise ConfigError(name, f"unknown {{key}} {getattr(self, name)!r}; valid: {', '.join(valid)}")
         checks = [
             ("zeta", 0 < self.zeta < 1, "in (0, 1)"),
             ("epsilon", self.epsilon > 0, "> 0"),
@@ -107,38 +144,65 @@ class TrainConfig:
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("limit_train", self.limit_train is None or self.limit_train >= 1, ">= 1"),
             ("save_topology_every", self.save_topology_every >= 0, ">= 0"),
-            ("hidden", len(self.hidden) >= 1 and all(int(h) >= 1 for h in self.hidden), "a list of widths >= 1"),
+            ("seed", 0 <= self.seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
+            ("hidden", isinstance(self.hidden, list) and len(self.hidden) >= 1
+             and all(_is_int(h) and h >= 1 for h in self.hidden), "a list of whole widths >= 1, e.g. [1000, 1000]"),
             ("validation_split", self.validation_split is None or 0 <= self.validation_split < 1, "in [0, 1)"),
             ("accuracy_guard", self.accuracy_guard is None or self.accuracy_guard > 0, "> 0 (accuracy points)"),
         ]
         for name, ok, rule in checks:
             if not ok:
-                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+                raise ConfigError(name, f"must be {rule}, got {getattr(self, name)!r}")
+        for name in ("epsilon", "zeta", "lr", "momentum", "weight_decay", "dropout", "kappa_start", "kappa_end",
+                     "accuracy_guard", "validation_split"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(name, f"must be a finite number, got {value!r}")
+        if self.dataset != "fashion-mnist" and self.data_dir is not None:
+            raise ConfigError("data_dir", f"is for the fashion-mnist IDX files; dataset {self.dataset!r} is "
+                                          "shipped with its package: drop it")
         self._validate_compression()
+        self._validate_device()
+        return self
+
+    def _validate_device(self) -> None:
         try:
             device = torch.device(self.device)
-        except RuntimeError as exc:
-            raise ValueError(f"unknown device {self.device!r}; valid: cpu, cuda, cuda:N, mps") from exc
+        except (RuntimeError, TypeError):
+            raise ConfigError("device", f"must be cpu, cuda, cuda:N or mps; got {self.device!r}") from None
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise ConfigError("device", f"must be cpu, cuda, cuda:N or mps; got {self.device!r}")
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} requested but CUDA is not available here; use --device cpu")
-        return self
+            raise ConfigError("device", f"{self.device!r} requested but CUDA is not available here; use cpu")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError("device", f"{self.device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError("device", f"{self.device!r} requested but MPS is not available here; use cpu")
 
     def _validate_compression(self) -> None:
         if self.compress_to is None:
-            if self.accuracy_guard is not None:
-                raise ValueError("accuracy_guard pauses compression: it needs compress_to")
+            given = [name for name, default in (("compress_start", 1), ("compress_end", None),
+                                                ("compress_scope", "global"), ("accuracy_guard", None))
+                     if getattr(self, name) != default]
+            if given:
+                raise ConfigError(given[0], "shapes compression, which is off: set compress_to too, or drop it")
             return
-        self.compress_to = parse_target(self.compress_to)
+        try:
+            self.compress_to = parse_target(self.compress_to)
+        except ValueError as exc:
+            raise ConfigError("compress_to", str(exc).replace("compress_to", "{key}", 1)) from None
         if not self.sparse:
-            raise ValueError("compress_to needs a sparse backend (csr or masked), not the dense baseline")
+            raise ConfigError("compress_to", "needs a sparse backend (csr or masked), not the dense baseline")
         if self.epochs < 2:
-            raise ValueError("compress_to needs epochs >= 2: the budget shrinks at the rewiring steps between epochs")
+            raise ConfigError("compress_to", "needs epochs >= 2: the budget shrinks at the rewiring steps "
+                                             "between epochs")
         start, end = self.compress_epochs
         if not 1 <= start <= end <= self.epochs - 1:
-            raise ValueError(f"compression epochs must satisfy 1 <= compress_start <= compress_end <= epochs - 1 "
-                             f"(the last rewiring step is after epoch {self.epochs - 1}), got {start} and {end}")
+            raise ConfigError("compress_start", f"and compress_end must satisfy 1 <= compress_start <= "
+                                                f"compress_end <= epochs - 1 (the last rewiring step is after "
+                                                f"epoch {self.epochs - 1}), got {start} and {end}")
         if self.accuracy_guard is not None and self.validation_fraction == 0:
-            raise ValueError("accuracy_guard needs held-out validation data: validation_split > 0")
+            raise ConfigError("accuracy_guard", "needs held-out validation data: validation_split > 0")
 
 
 PRESETS: dict[str, dict] = {
@@ -152,47 +216,84 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _number(name: str, value) -> float:
-    """A float setting: ints and numeric strings too -- YAML 1.1 (PyYAML) reads ``1e-3`` as a
-    string, and users write it that way."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _from_dict(values: dict) -> TrainConfig:
-    valid = [f.name for f in dataclasses.fields(TrainConfig)]
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; valid: {', '.join(valid)}")
-    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    for name, value in values.items():
-        if value is None:
-            continue
-        if types[name] in ("float", "float | None"):
-            values[name] = _number(name, value)
-        elif types[name] in ("int", "int | None") and not (isinstance(value, int) and not isinstance(value, bool)):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-    return TrainConfig(**values).validate()
+def _typed(name: str, kind: str, value: object) -> object:
+    """``value`` checked against the field's annotation (a string under ``from __future__
+    import annotations``); floats also from ints and numeric strings -- YAML 1.1 (PyYAML)
+    reads ``1e-3`` as a string, and users write it that way."""
+    optional = kind.endswith(" | None")
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(name, "must be given (it has no 'none' value)")
+    base = kind.removesuffix(" | None")
+    if base == "float":
+        if isinstance(value, bool):
+            raise ConfigError(name, f"must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(name, f"must be a number, got {value!r}") from None
+    if base == "int":
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+            value = int(value)
+        if not _is_int(value):
+            raise ConfigError(name, f"must be a whole number, got {value!r}")
+        return value
+    if base == "str":
+        if not isinstance(value, str):
+            raise ConfigError(name, f"must be a string, got {value!r}")
+        return value
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(name, f"must be true or false, got {value!r}")
+        return value
+    if base == "list[int]":
+        if not isinstance(value, list) or not all(_is_int(v) for v in value):
+            raise ConfigError(name, f"must be a list of whole widths >= 1, e.g. [1000, 1000]; got {value!r}")
+        return list(value)
+    if base == "float | int":  # compress_to: checked by parse_target
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(name, f"must be a density below 1 or a connection count, got {value!r}")
+        return value
+    raise AssertionError(f"no type check for {name}: {kind}")  # a new field needs one here
 
 
 def load_config(preset: str | None = None, path: str | Path | None = None, **overrides) -> TrainConfig:
     """Resolve a configuration: a preset, then a YAML file on top, then ``overrides`` (``None``
-    means "not given")."""
+    means "not given"). A bad value raises :class:`ConfigError` (with a file: naming it)."""
+    from synthprune.files import read_yaml
+
     name = preset or "fmnist-mlp"
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
     values = {**TrainConfig().to_dict(), **PRESETS[name]}
     if path is not None:
+        loaded = read_yaml(path, "fix the file or pass the settings as flags")
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise ValueError(f"cannot read config {path}: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config {path} must be a YAML mapping of settings")
+            TrainConfig.from_dict({**values, **loaded})
+        except ConfigError as exc:  # a bad value in the file: name the file
+            if exc.key is None or exc.key in loaded:
+                raise _in_file(exc, path) from None
         values.update(loaded)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return _from_dict(values)
+    return TrainConfig.from_dict(values)
+
+
+def config_from_file(values: dict, path: str | Path) -> TrainConfig:
+    """:meth:`TrainConfig.from_dict` of what a file held; an error names the file and key."""
+    try:
+        return TrainConfig.from_dict(values)
+    except ConfigError as exc:
+        raise _in_file(exc, path) from None
+
+
+def _in_file(error: ConfigError, path: str | Path) -> ConfigError:
+    if error.key is None:
+        return error.named(str(path))
+    named = error.named(error.key)
+    named.args = (f"{path}: {named.args[0]}",)
+    return named

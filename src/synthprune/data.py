@@ -34,9 +34,12 @@ class DataError(ValueError):
 
 @dataclass
 class Dataset:
-    """Train and test splits. ``x_*``: ``[N, features]`` float32; ``y_*``: ``[N]`` int64.
+    """Train and test splits. ``x_*``: ``[N, features]`` float32; ``y_*``: ``[N]`` int64 in
+    ``[0, n_classes)``.
 
-    ``image_shape`` is ``(height, width)`` when features are pixels (for figures)."""
+    ``n_classes`` is the dataset's, never inferred from the labels at hand (a limited or odd
+    training set must not change the network's outputs). ``image_shape`` is ``(height, width)``
+    when features are pixels (for figures)."""
 
     name: str
     x_train: torch.Tensor
@@ -44,14 +47,11 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     image_shape: tuple[int, int] | None
+    n_classes: int = 10
 
     @property
     def n_features(self) -> int:
         return self.x_train.shape[1]
-
-    @property
-    def n_classes(self) -> int:
-        return int(self.y_train.max()) + 1
 
 
 def read_idx(path: Path, magic: int, count: int | None = None, item_shape: tuple[int, ...] = ()) -> np.ndarray:
@@ -156,4 +156,9 @@ def load_dataset(name: str, data_dir: str | Path | None = None, limit_train: int
         raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
     if limit_train is not None:
         data.x_train, data.y_train = data.x_train[:limit_train], data.y_train[:limit_train]
+    present = torch.unique(data.y_train).tolist()
+    if len(present) < 2:
+        where = f"the first {limit_train} training examples" if limit_train is not None else "the training labels"
+        raise DataError(f"{where} of {name} hold only class {present}: a classifier needs at least two classes"
+                        + ("; raise --limit-train" if limit_train is not None else f"; {HOW_TO_GET}"))
     return data

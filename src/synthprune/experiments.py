@@ -14,10 +14,12 @@ import csv
 import io
 import itertools
 import os
-import shutil
+import re
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -26,12 +28,17 @@ from pathlib import Path
 import yaml
 
 from synthprune.config import TrainConfig, load_config
-from synthprune.rundir import RunDir, atomic_write
+from synthprune.files import FolderLock, atomic_write, clean_temporaries, read_yaml
+from synthprune.rundir import RunDir
 
 __all__ = [
     "RunResult", "SweepRun", "grid", "load_spec", "mean_std", "parse_list", "parse_seeds", "plan", "run_sweep",
     "summarize_sweep",
 ]
+
+PARENT_ENV = "SYNTHPRUNE_SWEEP_PID"  # a worker stops when the process with this pid is no longer its parent
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._,=+-]{0,99}$")  # a run name is one plain path component
+SPEC_KEYS = ("preset", "seeds", "common", "runs")
 
 
 @dataclass
@@ -104,24 +111,56 @@ def grid(grow: list[str], compress_to: list[str], settings: list[str]) -> dict[s
                 parts.append(f"{key}={value}")
         if overrides.get("backend") == "dense" and "compress_to" in overrides:
             continue  # the dense baseline is not compressed
-        configs["-".join(parts)] = overrides
+        name = safe_name("-".join(parts))
+        if name in configs:
+            raise ValueError(f"two grid configurations would share the run name {name!r}; "
+                             "run them as named configurations in a --spec file")
+        configs[name] = overrides
     return configs
+
+
+def safe_name(text: str) -> str:
+    """A grid configuration's name as one plain path component: characters that could leave
+    the sweep folder or confuse a shell (``/``, ``..``, spaces, ...) become ``_``."""
+    name = re.sub(r"[^A-Za-z0-9._,=+-]", "_", text).lstrip(".-_,=+") or "run"
+    return name[:100]
+
+
+def check_name(name: str, where: str) -> str:
+    """A named configuration must be a plain path component: no ``/``, no ``..``, no leading dot."""
+    if not SAFE_NAME.match(name):
+        raise ValueError(f"{where}: run name {name!r} must be a plain folder name (letters, digits and . _ , = + -, "
+                         "not starting with a dot or dash, at most 100 characters); rename it")
+    return name
 
 
 def load_spec(path: str | Path) -> tuple[dict, dict[str, dict], list[int] | None]:
     """A sweep file: ``preset``, ``seeds``, common settings under ``common`` and named
-    configurations under ``runs`` (each a mapping of settings)."""
-    try:
-        spec = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"cannot read sweep file {path}: {exc}") from exc
-    if not isinstance(spec, dict) or not isinstance(spec.get("runs"), dict) or not spec["runs"]:
-        raise ValueError(f"{path} must be a mapping with a non-empty `runs:` mapping of named configurations")
+    configurations under ``runs`` (each a mapping of settings). Every part is checked, and an
+    error names the file and the part."""
+    todo = "fix the sweep file (keys: preset, seeds, common, runs)"
+    spec = read_yaml(path, todo)
+    unknown = [str(k) for k in spec if k not in SPEC_KEYS]
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(SPEC_KEYS)}")
+    runs, common = spec.get("runs"), spec.get("common") or {}
+    if not isinstance(runs, dict) or not runs:
+        raise ValueError(f"{path}: `runs:` must be a non-empty mapping of named configurations")
+    if not isinstance(common, dict):
+        raise ValueError(f"{path}: `common:` must be a mapping of settings, not {type(common).__name__}")
+    for name, settings in runs.items():
+        check_name(str(name), str(path))
+        if settings is not None and not isinstance(settings, dict):
+            raise ValueError(f"{path}: run {name!r} must be a mapping of settings, not {type(settings).__name__}")
+    if spec.get("preset") is not None and not isinstance(spec["preset"], str):
+        raise ValueError(f"{path}: `preset:` must be a preset's name")
     seeds = spec.get("seeds")
     if seeds is not None:
-        seeds = parse_seeds(",".join(map(str, seeds)) if isinstance(seeds, list) else str(seeds))
-    common = {"preset": spec.get("preset"), **(spec.get("common") or {})}
-    return common, {str(k): dict(v or {}) for k, v in spec["runs"].items()}, seeds
+        try:
+            seeds = parse_seeds(",".join(map(str, seeds)) if isinstance(seeds, list) else str(seeds))
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+    return {"preset": spec.get("preset"), **common}, {str(k): dict(v or {}) for k, v in runs.items()}, seeds
 
 
 def plan(configs: dict[str, dict], seeds: list[int], out: str | Path, preset: str | None = None,
@@ -129,14 +168,19 @@ def plan(configs: dict[str, dict], seeds: list[int], out: str | Path, preset: st
     """One :class:`SweepRun` per configuration and seed; every config is validated first, so a
     typo fails the sweep before anything runs."""
     runs = []
+    root = Path(out).resolve()
     for name, overrides in configs.items():
+        check_name(name, "sweep")
         for seed in seeds:
             values = {**(common or {}), **overrides, "seed": seed}
             try:
                 config = load_config(preset, None, **values)
             except ValueError as exc:
                 raise ValueError(f"configuration {name!r}: {exc}") from None
-            runs.append(SweepRun(name, seed, config, Path(out) / f"{name}-s{seed}"))
+            target = Path(out) / f"{name}-s{seed}"
+            if target.resolve().parent != root:  # e.g. through a symbolic link: never write outside --out
+                raise ValueError(f"configuration {name!r}: its run folder {target} resolves outside --out {out}")
+            runs.append(SweepRun(name, seed, config, target))
     return runs
 
 
@@ -145,6 +189,9 @@ def _prepare(run: SweepRun, specs: Path) -> tuple[list[str] | None, str]:
     happens to it (start, resume, skip)."""
     run_dir = RunDir(run.out)
     wanted = run.config.to_dict()
+    if run_dir.lock.is_held_elsewhere(patience=3.0):  # e.g. a worker of an earlier sweep still training
+        raise ValueError(f"{run.out} is being trained by another process (pid {run_dir.lock.holder()}); "
+                         "wait for it to end or stop it, then run the sweep again")
     if run_dir.config.exists():
         saved = run_dir.read_config()
         # A run written before a setting existed ran with its default; one holding a setting this
@@ -159,49 +206,118 @@ def _prepare(run: SweepRun, specs: Path) -> tuple[list[str] | None, str]:
             return None, "skip"
         if run_dir.checkpoint.exists():
             return ["--resume", "--out", str(run.out)], "resume"
-        shutil.rmtree(run.out)  # killed before its first epoch ended: nothing to keep
+        # Killed before its first epoch ended: train starts it again in the same folder.
     spec = specs / f"{run.label}.yaml"
     atomic_write(spec, yaml.safe_dump(wanted, sort_keys=False))
     return ["--config", str(spec), "--out", str(run.out)], "start"
 
 
-def _train(args: list[str], threads: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    return subprocess.run([sys.executable, "-m", "synthprune", "train", *args, "--quiet", "--no-plots"],
-                          capture_output=True, text=True, env=env)
+class _Workers:
+    """The sweep's ``synthprune train`` processes. They stay in the sweep's process group (a
+    Ctrl-C reaches them all), stop themselves when the sweep dies (``PARENT_ENV``), and are
+    stopped when the sweep is interrupted or terminated."""
+
+    def __init__(self) -> None:
+        self.live: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+        self.stopping = False
+
+    def train(self, args: list[str], threads: int) -> tuple[int, str]:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+               PARENT_ENV: str(os.getpid())}
+        with self.lock:
+            if self.stopping:
+                return 130, "interrupted"
+            process = subprocess.Popen([sys.executable, "-m", "synthprune", "train", *args, "--quiet", "--no-plots"],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            self.live.add(process)
+        try:
+            stdout, stderr = process.communicate()
+        finally:
+            with self.lock:
+                self.live.discard(process)
+        lines = (stderr or stdout).strip().splitlines()
+        return process.returncode, lines[-1] if lines else f"exit {process.returncode}"
+
+    def stop(self) -> None:
+        """Interrupt every running worker (each checkpoints and exits) and wait for them."""
+        with self.lock:
+            self.stopping = True
+            live = list(self.live)
+        for process in live:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGINT)
+        for process in live:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _terminate_as_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def run_sweep(runs: list[SweepRun], out: str | Path, jobs: int | None = None,
               on_done: Callable[[RunResult, str], None] | None = None) -> list[RunResult]:
     """Run every run (``jobs`` at a time, default: the CPU count), then write ``sweep.csv``
-    and ``summary.md`` into ``out``. A failed run is reported in its result, never raised."""
+    and ``summary.md`` into ``out``. A failed run is reported in its result, never raised.
+    One sweep writes ``out`` at a time (``out/.sweep.lock``)."""
     out = Path(out)
     jobs = max(1, jobs or os.cpu_count() or 1)
     threads = max(1, (os.cpu_count() or 1) // jobs)  # workers share the cores, not oversubscribe
-    specs = out / ".sweep"
-    prepared = [(run, *_prepare(run, specs)) for run in runs]  # all checks before any work
-    results: list[RunResult] = []
+    with FolderLock(out, "sweep folder") as _, _signals_as_interrupt():
+        clean_sweep_temporaries(out)
+        specs = out / ".sweep"
+        prepared = [(run, *_prepare(run, specs)) for run in runs]  # all checks before any work
+        results: list[RunResult] = []
+        workers = _Workers()
 
-    def execute(run: SweepRun, args: list[str] | None, action: str) -> tuple[RunResult, str]:
-        if args is None:
-            return RunResult(run, "skipped", summary=_summary(run)), action
-        process = _train(args, threads)
-        if process.returncode != 0:
-            lines = (process.stderr or process.stdout).strip().splitlines()
-            return RunResult(run, "failed", error=lines[-1] if lines else f"exit {process.returncode}"), action
-        return RunResult(run, "finished", summary=_summary(run)), action
+        def execute(run: SweepRun, args: list[str] | None, action: str) -> tuple[RunResult, str]:
+            if args is None:
+                return RunResult(run, "skipped", summary=_summary(run)), action
+            code, last_line = workers.train(args, threads)
+            if code != 0:
+                return RunResult(run, "failed", error=last_line), action
+            return RunResult(run, "finished", summary=_summary(run)), action
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(execute, *item) for item in prepared]
-        for future in as_completed(futures):
-            result, action = future.result()
-            results.append(result)
-            if on_done:
-                on_done(result, action)
-    order = {run.label: i for i, run in enumerate(runs)}
-    results.sort(key=lambda r: order[r.run.label])
-    write_results(results, out)
+        pool = ThreadPoolExecutor(max_workers=jobs)
+        try:
+            futures = [pool.submit(execute, *item) for item in prepared]
+            for future in as_completed(futures):
+                result, action = future.result()
+                results.append(result)
+                if on_done:
+                    on_done(result, action)
+        except BaseException:
+            workers.stop()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        order = {run.label: i for i, run in enumerate(runs)}
+        results.sort(key=lambda r: order[r.run.label])
+        write_results(results, out)
     return results
+
+
+def clean_sweep_temporaries(out: Path) -> None:
+    """What killed writes of the sweep itself left (its runs clean their own folders)."""
+    for folder in (out, out / ".sweep"):
+        if folder.is_dir():
+            clean_temporaries(folder, recursive=False)
+
+
+@contextlib.contextmanager
+def _signals_as_interrupt():
+    """SIGTERM (e.g. ``kill``) stops the sweep as Ctrl-C does: workers are interrupted first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _summary(run: SweepRun) -> dict:

@@ -1,9 +1,20 @@
-"""The run directory (DESIGN §4): what training writes, always atomically.
+"""The run directory (DESIGN §4): what training writes, always atomically, one writer at a time.
 
 ``runs/<name>/``: ``config.yaml`` (resolved), ``metrics.csv`` (one row per epoch),
 ``topology.jsonl`` (one line per rewiring step and layer), ``checkpoint.pt`` (model, optimizer,
 rewirer, epoch, RNG states, the records so far; loadable with ``weights_only=True``),
-``final/`` (``model.safetensors`` with the wiring, ``config.json``), ``figures/``.
+``final/`` (``model.safetensors`` with the wiring, then ``config.json``), ``figures/``, and
+``.lock`` (held by the process writing the run).
+
+A run's states, from the files alone:
+
+* **unstarted** -- ``config.yaml`` but no ``checkpoint.pt``: no epoch finished (a crash, a NaN
+  or Ctrl-C in the first epoch). Nothing is lost by starting it again: a new start with the same
+  ``--out`` reuses the directory, and ``--resume`` restarts it from its ``config.yaml``.
+* **interrupted** -- a ``checkpoint.pt``, no complete ``final/``: ``--resume`` continues it.
+* **finished** -- ``final/config.json`` exists. It is written last, after
+  ``final/model.safetensors``, so a run killed between the two is interrupted, not finished, and
+  ``--resume`` writes its final files again from the last checkpoint.
 
 Every file is written to a temporary name and renamed into place, so an interrupted run never
 leaves a half-written file and never destroys a finished run's results.
@@ -15,29 +26,24 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import yaml
 
+from synthprune.files import (
+    FileFormatError,
+    FolderLock,
+    atomic_write,
+    clean_temporaries,
+    load_torch,
+    read_csv_rows,
+    read_yaml,
+)
+
 __all__ = ["RunDir", "atomic_write"]
 
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode() if isinstance(data, str) else data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+START_AGAIN = "delete the run directory (or choose another --out) to start again"
 
 
 class RunDir:
@@ -52,16 +58,27 @@ class RunDir:
         self.final = self.root / "final"
         self.figures = self.root / "figures"
         self.snapshots = self.root / "topology"
+        self.lock = FolderLock(self.root)
 
     def snapshot(self, epoch: int) -> Path:
         """Where ``train --save-topology-every`` writes the wiring after ``epoch`` (0: initial)."""
         return self.snapshots / f"epoch-{epoch:04d}.safetensors"
 
     def is_finished(self) -> bool:
-        return (self.final / "model.safetensors").is_file()
+        """Whether both final files are in place (``config.json`` is written last)."""
+        return (self.final / "config.json").is_file() and (self.final / "model.safetensors").is_file()
 
-    def prepare(self, config: dict, resume: bool) -> None:
-        """Create the folder (checking it is writable); refuse to start over an existing run."""
+    def is_unstarted(self) -> bool:
+        """A run whose first epoch never finished: ``config.yaml`` and no checkpoint."""
+        return self.config.exists() and not self.checkpoint.exists() and not self.is_finished()
+
+    def prepare(self, config: dict, resume: bool) -> str:
+        """Lock the folder for this process, then decide what the run does; returns
+        ``"start"`` (a new run; ``config`` is written), ``"restart"`` (an unstarted run begun
+        again, by a new start or by ``resume``; the caller says so) or ``"resume"``.
+
+        Refuses to start over a run that has a checkpoint, to resume a finished run, and to
+        write a folder another process is writing. Removes what killed writes left."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / ".write-test"
@@ -69,19 +86,39 @@ class RunDir:
             probe.unlink()
         except OSError as exc:
             raise ValueError(f"cannot write to run directory {self.root}: {exc.strerror or exc}") from exc
-        if not resume and (self.config.exists() or self.checkpoint.exists()):
-            raise ValueError(f"{self.root} already holds a run: pass --resume to continue it, or another --out")
-        if resume and self.is_finished():
-            raise ValueError(f"{self.root} is already finished; nothing to resume")
-        if resume and not self.checkpoint.exists():
-            raise ValueError(f"{self.root} has no checkpoint.pt to resume from")
-        if not resume:
+        self.lock.acquire()
+        try:
+            action = self._decide(resume)
+        except BaseException:
+            self.lock.release()
+            raise
+        clean_temporaries(self.root)
+        if action != "resume" and not resume:
             atomic_write(self.config, yaml.safe_dump(config, sort_keys=False))
+        return action
+
+    def _decide(self, resume: bool) -> str:
+        if self.is_finished():
+            if resume:
+                raise ValueError(f"{self.root} is already finished; nothing to resume")
+            raise ValueError(f"{self.root} already holds a run, a finished one: choose another --out")
+        if self.checkpoint.exists():
+            if resume:
+                return "resume"
+            raise ValueError(f"{self.root} already holds a run: pass --resume to continue it, or another --out")
+        if self.config.exists():
+            return "restart"
+        if resume:
+            raise ValueError(f"{self.root} holds no run to resume (no config.yaml); start one without --resume")
+        return "start"
+
+    def release(self) -> None:
+        self.lock.release()
 
     def read_config(self) -> dict:
         if not self.config.is_file():
             raise ValueError(f"{self.root} is not a run directory (no config.yaml)")
-        return yaml.safe_load(self.config.read_text())
+        return read_yaml(self.config, START_AGAIN)
 
     def write_records(self, metrics: list[dict], topology: list[dict]) -> None:
         if metrics:
@@ -93,11 +130,18 @@ class RunDir:
         atomic_write(self.topology, "".join(json.dumps(_json_safe(r)) + "\n" for r in topology))
 
     def read_metrics(self) -> list[dict]:
-        """metrics.csv as a list of rows with numbers parsed."""
+        """metrics.csv as a list of rows with numbers parsed (epoch, test_accuracy and the
+        connection counts are checked to be numbers)."""
         if not self.metrics.is_file():
             raise ValueError(f"{self.root} has no metrics.csv (has it trained an epoch?)")
-        with self.metrics.open() as handle:
-            return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+        todo = "it is written by synthprune train; restore it from the checkpoint's run or train again"
+        rows = [{k: _number(v) for k, v in row.items()}
+                for row in read_csv_rows(self.metrics, todo, required=("epoch", "test_accuracy", "connections"))]
+        for line, row in enumerate(rows, start=2):
+            bad = [k for k in ("epoch", "test_accuracy", "connections") if isinstance(row[k], str)]
+            if bad:
+                raise FileFormatError(self.metrics, f"line {line}: {', '.join(bad)} is not a number", todo)
+        return rows
 
     def save_checkpoint(self, state: dict) -> None:
         buffer = io.BytesIO()
@@ -105,11 +149,7 @@ class RunDir:
         atomic_write(self.checkpoint, buffer.getvalue())
 
     def load_checkpoint(self, map_location: str | torch.device = "cpu") -> dict:
-        try:
-            return torch.load(self.checkpoint, map_location=map_location, weights_only=True)
-        except Exception as exc:  # corrupt or foreign file: say which and what to do
-            raise ValueError(f"cannot load {self.checkpoint} ({exc.__class__.__name__}: {exc}); "
-                             "delete the run directory to start again") from exc
+        return load_torch(self.checkpoint, START_AGAIN, map_location)
 
 
 def _json_safe(record: dict) -> dict:

@@ -16,24 +16,29 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from synthprune import distributed
-from synthprune.config import TrainConfig
+from synthprune.config import TrainConfig, config_from_file
 from synthprune.data import load_dataset
 from synthprune.distributed import Ranks
+from synthprune.files import FileFormatError, atomic_write, load_safetensors, read_json
 from synthprune.layers import SparseLinear
 from synthprune.models import SparseMLP
 from synthprune.rewiring import Rewirer
-from synthprune.rundir import RunDir, atomic_write
+from synthprune.rundir import START_AGAIN, RunDir
 from synthprune.similarity import save_snapshot
 
 __all__ = [
     "TrainingError", "build_model", "build_rewirer", "fit", "linear_layers", "live_neurons", "load_run_model",
     "split_validation", "summarize",
 ]
+
+
+FINAL_FORMAT = "synthprune-mlp"
+# Settings a resume may change without changing what the run computes.
+RESUMABLE_CHANGES = ("device", "data_dir")
 
 
 class TrainingError(RuntimeError):
@@ -109,10 +114,13 @@ def fit(
     if not ranks.is_main:
         progress, log = None, lambda line: None
     error: BaseException | None = None
+    run = RunDir(out)
     try:
-        summary = _fit(config, RunDir(out), resume, progress, log, ranks)
+        summary = _fit(config, run, resume, progress, log, ranks)
     except BaseException as exc:  # handled outside the except block, where its frames can go
         error = exc
+    finally:
+        run.release()  # the run directory's lock (held by rank 0 from prepare() on)
     distributed.leave(ranks, error, expected=(ValueError, OSError, TrainingError, KeyboardInterrupt))
     if error is not None:
         raise error
@@ -122,7 +130,7 @@ def fit(
 def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: Callable[[int, int], object] | None,
          log: Callable[[str], None], ranks: Ranks) -> dict:
     if resume:
-        config = distributed.on_main(ranks, lambda: TrainConfig(**run.read_config()).validate())
+        config = distributed.on_main(ranks, lambda: config_from_file(run.read_config(), run.config))
     device = distributed.device_for(config.device, ranks)
     torch.manual_seed(config.seed)
     data = load_dataset(config.dataset, config.data_dir, config.limit_train)
@@ -137,19 +145,18 @@ def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: Callable[[int
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     rewirer = build_rewirer(config, model, optimizer)  # refuses an infeasible compress_to
-    # Only now: a refused config leaves no run behind.
-    distributed.on_main(ranks, lambda: run.prepare(config.to_dict(), resume))
+    # Only now: a refused config leaves no run behind. From here rank 0 holds the folder's lock.
+    action = distributed.on_main(ranks, lambda: run.prepare(config.to_dict(), resume))
     metrics: list[dict] = []
     topology: list[dict] = []
     start_epoch = 0
-    if resume:
+    if action == "restart":
+        log(f"{run.root} held a run that had not finished an epoch (no checkpoint.pt): starting it again "
+            f"from epoch 1" + (" with its config.yaml" if resume else ""))
+    if action == "resume":
         state = distributed.on_main(ranks, lambda: run.load_checkpoint("cpu"))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if rewirer is not None:
-            rewirer.load_state_dict(state["rewirer"])
+        metrics, topology, start_epoch = _restore(state, config, model, optimizer, rewirer, run.checkpoint)
         _restore_rng(state["rng"], device, ranks, log)
-        metrics, topology, start_epoch = state["metrics"], state["topology"], state["epoch"]
         log(f"resuming {run.root} after epoch {start_epoch}")
     elif ranks.distributed:
         torch.manual_seed(config.seed + 1_000_003 * ranks.rank)  # each rank its own dropout masks
@@ -221,12 +228,49 @@ def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: Callable[[int
 
     summary = summarize(metrics, model)
     if ranks.is_main:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        metadata = {"format": "synthprune-mlp", "config": json.dumps(config.to_dict())}
-        atomic_write(run.final / "model.safetensors", safetensors_bytes(tensors, metadata=metadata))
-        final_info = {"config": config.to_dict(), "sizes": model.sizes, "summary": summary}
-        atomic_write(run.final / "config.json", json.dumps(final_info, indent=2))
+        write_final(run, config, model, summary)
     return summary
+
+
+def write_final(run: RunDir, config: TrainConfig, model: SparseMLP, summary: dict) -> None:
+    """``final/model.safetensors``, then ``final/config.json``: the run counts as finished only
+    once the second is in place (:meth:`RunDir.is_finished`), so a kill between the two leaves
+    a run that ``--resume`` completes from its last checkpoint."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    metadata = {"format": FINAL_FORMAT, "config": json.dumps(config.to_dict())}
+    atomic_write(run.final / "model.safetensors", safetensors_bytes(tensors, metadata=metadata))
+    final_info = {"format": FINAL_FORMAT, "config": config.to_dict(), "sizes": model.sizes, "summary": summary}
+    atomic_write(run.final / "config.json", json.dumps(final_info, indent=2))
+
+
+def _restore(state: dict, config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+             rewirer: Rewirer | None, path: Path) -> tuple[list[dict], list[dict], int]:
+    """Load a checkpoint's model, optimizer and rewirer states after checking that it belongs
+    to this run: (metrics, topology records, epochs done). A foreign, edited or damaged
+    checkpoint raises :class:`FileFormatError` naming it."""
+    missing = sorted({"epoch", "model", "optimizer", "rewirer", "rng", "metrics", "topology"} - set(state))
+    if missing:
+        raise FileFormatError(path, f"is not a synthprune checkpoint (no {', '.join(missing)})", START_AGAIN)
+    saved = state.get("config")
+    if isinstance(saved, dict):
+        differ = sorted(k for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
+        if differ:
+            raise FileFormatError(path.with_name("config.yaml"), f"{', '.join(differ)} differ(s) from the run "
+                                  "this checkpoint belongs to", "restore the run's settings, or start a new run "
+                                  "with another --out")
+    epoch, metrics = state["epoch"], state["metrics"]
+    if not (isinstance(epoch, int) and 0 < epoch <= config.epochs and isinstance(metrics, list)
+            and len(metrics) == epoch and isinstance(state["topology"], list)):
+        raise FileFormatError(path, f"records do not add up (epoch {epoch!r} of {config.epochs})", START_AGAIN)
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if rewirer is not None:
+            rewirer.load_state_dict(state["rewirer"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise FileFormatError(path, f"does not fit this run's model ({reason})", START_AGAIN) from None
+    return metrics, state["topology"], epoch
 
 
 def _rewire(rewirer: Rewirer, net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], compress: bool,
@@ -271,9 +315,11 @@ def _train_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
         objective.backward()
         if non_finite():  # every rank stops here together, before a bad optimizer step
             where = "on at least one rank " if ranks.distributed else ""
+            kept = (f"the last good checkpoint is {checkpoint} (after epoch {epoch})" if epoch else
+                    f"no epoch finished, so nothing is lost: start again with the same --out {checkpoint.parent}")
             raise distributed.shared_error(TrainingError(
                 f"loss became non-finite ({loss.item()} here) {where}at epoch {epoch + 1}, batch {b + 1}: lower "
-                f"--lr (now {config.lr}); the last good checkpoint is {checkpoint}"), ranks)
+                f"--lr (now {config.lr}); {kept}"), ranks)
         optimizer.step()
         batch_loss = loss.item()
         loss_sum += batch_loss * len(yb)
@@ -370,14 +416,29 @@ def summarize(metrics: list[dict], model: nn.Module) -> dict:
 
 
 def load_run_model(run: str | Path, device: str = "cpu") -> tuple[SparseMLP, TrainConfig]:
-    """The final model of a finished run (wiring and weights from ``final/model.safetensors``)."""
+    """The final model of a finished run (wiring and weights from ``final/model.safetensors``).
+    A missing, damaged or foreign file raises :class:`FileFormatError` naming it."""
     run_dir = RunDir(run)
     if not run_dir.is_finished():
-        raise ValueError(f"{run_dir.root} has no final/model.safetensors (unfinished run?)")
-    info = json.loads((run_dir.final / "config.json").read_text())
-    config = TrainConfig(**info["config"])
-    sizes = info["sizes"]
+        raise ValueError(f"{run_dir.root} is not a finished run: final/config.json and final/model.safetensors are "
+                         f"not both there (an unfinished run? finish it with synthprune train --resume --out "
+                         f"{run_dir.root})")
+    info_path, weights_path = run_dir.final / "config.json", run_dir.final / "model.safetensors"
+    todo = f"train the run again, or resume it after deleting {run_dir.final}"
+    info = read_json(info_path, todo)
+    sizes = info.get("sizes")
+    if not (isinstance(sizes, list) and len(sizes) >= 2 and all(isinstance(n, int) and 0 < n < 2**24 for n in sizes)):
+        raise FileFormatError(info_path, f"sizes must be a list of >= 2 layer widths, got {sizes!r}", todo)
+    if not isinstance(info.get("config"), dict):
+        raise FileFormatError(info_path, "has no config", todo)
+    config = config_from_file(info["config"], info_path)
+    if config.hidden != sizes[1:-1]:
+        raise FileFormatError(info_path, f"sizes {sizes} do not match hidden {config.hidden}", todo)
+    tensors, _ = load_safetensors(weights_path, todo, device=device)
     model = build_model(config, sizes[0], sizes[-1])
-    model.load_state_dict(load_file(str(run_dir.final / "model.safetensors"), device=device))
+    try:
+        model.load_state_dict(tensors)
+    except (RuntimeError, ValueError, KeyError, IndexError) as exc:
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise FileFormatError(weights_path, f"does not match {info_path.name} ({reason})", todo) from None
     return model.to(device), config
-
