@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from synthprune.similarity import Structure, load_snapshot, similarity, structure_of, write_matrix
+from synthprune.compare import Structure, load_snapshot, similarity, structure_of, write_matrix
 
 STRATEGIES = {
     "synthesis-full": "synthesis", "synthesis_tail-full": "synthesis (tail)", "random-full": "SET",

@@ -15,6 +15,10 @@ from synthprune.schedules import cubic_count
 GROW = list_strategies()["grow"]
 
 
+# Several tests rewire without an optimizer on purpose (wiring only); the warning is tested elsewhere.
+pytestmark = pytest.mark.filterwarnings("ignore:Rewirer without the optimizer")
+
+
 @given(initial=st.integers(1, 10**6), share=st.floats(0, 1), total=st.integers(1, 50))
 def test_cubic_count_starts_at_initial_shrinks_monotonically_and_ends_exactly(initial, share, total):
     final = round(share * initial)

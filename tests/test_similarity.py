@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from synthprune import SparseMLP, residual_network, save_residual, sparse_layers
-from synthprune.similarity import Structure, load_snapshot, save_snapshot, similarity
+from synthprune.compare import Structure, load_snapshot, save_snapshot, similarity
 
 
 def structure(edges_per_layer, widths, name="s"):

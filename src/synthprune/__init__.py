@@ -11,12 +11,23 @@ baselines, on PyTorch. The public API::
 
 from synthprune.layers import BACKENDS, CSRLinear, MaskedLinear, SparseLinear
 from synthprune.models import SparseMLP, sparse_layers, sparsify
-from synthprune.residual import ResidualMLP, load_residual, residual_network, save_residual
+from synthprune.residual import ResidualMLP, ResidualSummary, load_residual, residual_network, save_residual
 from synthprune.rewiring import LayerReport, Rewirer
 from synthprune.strategies import list_strategies, register_grow, register_prune
 from synthprune.topology import TopologyError
 
 __version__ = "0.1.0"
+
+_COMPARE = ("similarity", "similarity_matrix")  # from synthprune.compare, imported on first use (scipy)
+
+
+def __getattr__(name: str):
+    if name in _COMPARE:
+        from synthprune import compare
+
+        return getattr(compare, name)
+    raise AttributeError(f"module 'synthprune' has no attribute {name!r}")
+
 
 __all__ = [
     "BACKENDS",
@@ -24,6 +35,7 @@ __all__ = [
     "LayerReport",
     "MaskedLinear",
     "ResidualMLP",
+    "ResidualSummary",
     "Rewirer",
     "SparseLinear",
     "SparseMLP",
@@ -35,6 +47,8 @@ __all__ = [
     "register_prune",
     "residual_network",
     "save_residual",
+    "similarity",
+    "similarity_matrix",
     "sparse_layers",
     "sparsify",
 ]

@@ -386,7 +386,7 @@ def similarity_command(
     Overall figures pool the sparse layers."""
     import json
 
-    from synthprune import similarity as sim
+    from synthprune import compare as sim
 
     if over_epochs:
         if len(runs) != 1:

@@ -79,6 +79,9 @@ def initial_values(
         bound = 1.0 / math.sqrt(n_in)
         values = torch.empty(count, dtype=dtype).uniform_(-bound, bound, generator=generator)
         return values, torch.empty(n_out, dtype=dtype).uniform_(-bound, bound, generator=generator)
+    if init == "keep":
+        raise ValueError("init='keep' keeps an existing nn.Linear's weights: use sparsify(model, init='keep'); "
+                         f"a new layer takes one of {', '.join(INITS)}")
     raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
 
 
@@ -361,15 +364,35 @@ class CSRLinear(SparseLinear):
         )
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def _consistent(self, values: torch.Tensor, cols: torch.Tensor, crow: torch.Tensor) -> bool:
+        """Whether stored csr tensors can be this layer's: matching lengths, row pointers from 0
+        to nnz without going back, columns in range."""
+        return (values.dim() == 1 and values.shape == cols.shape and crow.shape == (self.out_features + 1,)
+                and int(crow[0]) == 0 and int(crow[-1]) == values.numel() and not bool((crow.diff() < 0).any())
+                and (cols.numel() == 0 or 0 <= int(cols.min()) <= int(cols.max()) < self.in_features))
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The stored topology may have a different nnz: resize before PyTorch copies into place.
         values, cols = state_dict.get(prefix + "values"), state_dict.get(prefix + "col_indices")
+        crow = state_dict.get(prefix + "crow_indices")
+        complete = values is not None and cols is not None and crow is not None
+        # Checked before anything is copied: a short `values` would otherwise load and give NaN.
+        if complete and not self._consistent(values, cols, crow):
+            raise ValueError(f"{prefix or 'layer'}: inconsistent csr tensors (values {tuple(values.shape)}, "
+                             f"col_indices {tuple(cols.shape)}, crow_indices {tuple(crow.shape)} ending at "
+                             f"{int(crow[-1]) if crow.numel() else None}) for a {self.out_features}x"
+                             f"{self.in_features} layer")
         if values is not None and values.shape != self.values.shape:
             self.values.data = self.values.data.new_empty(values.shape)
         if cols is not None and cols.shape != self.col_indices.shape:
             self.col_indices = self.col_indices.new_empty(cols.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._rebuild_cache()
+        if complete:
+            try:
+                self.check()
+            except TopologyError as exc:
+                raise ValueError(f"{prefix or 'layer'}: the loaded wiring is invalid ({exc})") from None
 
 
 class MaskedLinear(SparseLinear):

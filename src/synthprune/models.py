@@ -89,7 +89,8 @@ class SparseMLP(nn.Sequential):
     with ``act`` and (if ``dropout > 0``) ``drop`` after every layer but the last. Inputs
     ``[batch, ...]`` are flattened to ``[batch, sizes[0]]``; outputs are ``[batch, sizes[-1]]``
     logits. With ``dense_output`` the last layer is an ordinary ``nn.Linear``; any layer whose
-    count reaches ``n_in·n_out`` is dense too. ``seed`` makes topology and weights reproducible
+    count reaches ``n_in·n_out`` is dense too. Give ``epsilon`` (default 20) or ``density``,
+    not both. ``seed`` makes topology and weights reproducible
     without touching the global RNG.
     """
 
@@ -97,7 +98,7 @@ class SparseMLP(nn.Sequential):
         self,
         sizes: Sequence[int],
         *,
-        epsilon: float | None = 20.0,
+        epsilon: float | None = None,
         density: float | None = None,
         distribution: str | None = None,
         backend: str = "csr",
@@ -115,8 +116,10 @@ class SparseMLP(nn.Sequential):
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         check_backend(backend)
-        if density is not None:
-            epsilon = None
+        if epsilon is not None and density is not None:
+            raise ValueError("give epsilon (Erdős–Rényi) or density, not both")
+        if epsilon is None and density is None:
+            epsilon = 20.0
         shapes = list(pairwise(sizes))
         n_sparse = len(shapes) - 1 if dense_output else len(shapes)
         counts = layer_counts(shapes[:n_sparse], epsilon, density, distribution) if n_sparse else []

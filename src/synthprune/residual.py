@@ -27,14 +27,12 @@ from itertools import pairwise
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from synthprune.files import FileFormatError, atomic_write, load_safetensors, read_json
 from synthprune.layers import CSRLinear, DenseLinear, SparseLinear
 from synthprune.models import ACTIVATIONS
-from synthprune.rundir import atomic_write
 
 __all__ = [
     "FORMS", "ResidualMLP", "ResidualSummary", "live_masks", "load_residual", "residual_network", "save_residual",
@@ -307,28 +305,68 @@ def _narrow(tensor: torch.Tensor) -> torch.Tensor:
 
 def load_residual(path: str | Path, device: str = "cpu") -> ResidualMLP:
     """Load a network written by :func:`save_residual` (or ``synthprune residual``) for
-    inference: ``path`` is its folder (or a run directory, meaning ``final/residual``)."""
+    inference: ``path`` is its folder (or a run directory, meaning ``final/residual``).
+
+    ``config.json`` is checked against the tensors' shapes before anything is built, so a
+    damaged or foreign file raises :class:`~synthprune.files.FileFormatError` naming it (never
+    a huge allocation, never a network that outputs NaN)."""
     folder = Path(path)
     if not (folder / "config.json").is_file() and (folder / "final" / "residual" / "config.json").is_file():
         folder = folder / "final" / "residual"
     config_path, weights_path = folder / "config.json", folder / "model.safetensors"
-    for file in (config_path, weights_path):
-        if not file.is_file():
-            raise ValueError(f"{file} not found: write the residual network with `synthprune residual RUN`")
-    try:
-        config = json.loads(config_path.read_text())
-        tensors = {k: v.long() if not v.is_floating_point() else v
-                   for k, v in load_file(str(weights_path), device=device).items()}
-    except (OSError, ValueError, SafetensorError) as exc:  # JSONDecodeError is a ValueError
-        raise ValueError(f"cannot load the residual network in {folder}: {exc}") from exc
+    todo = "write it again with `synthprune residual RUN` (or save_residual)"
+    config = read_json(config_path, todo)
     if config.get("format") != FORMAT:
-        raise ValueError(f"{config_path} is not a synthprune residual network (format {config.get('format')!r})")
-    residual = ResidualMLP(config["n_features"], torch.tensor(config["kept_inputs"], dtype=torch.long),
-                           config["sizes"], config["activation"], config["forms"], config.get("kept_neurons"),
-                           config.get("original_sizes"))
-    residual.to(getattr(torch, config.get("dtype", "float32")))
+        raise FileFormatError(config_path, f"is not a synthprune residual network (format {config.get('format')!r})",
+                              todo)
+    tensors, _ = load_safetensors(weights_path, todo, device=device)
+    _check_saved(config, tensors, config_path, todo)
+    tensors = {k: v.long() if not v.is_floating_point() else v for k, v in tensors.items()}
+    residual = ResidualMLP(config["n_features"], tensors["kept_inputs"], config["sizes"], config["activation"],
+                           config["forms"], config.get("kept_neurons"), config.get("original_sizes"))
+    residual.to(tensors["layers.0.bias"].dtype)
     try:
         residual.load_state_dict(tensors)
-    except RuntimeError as exc:
-        raise ValueError(f"{weights_path} does not match {config_path}: {exc}") from exc
+    except (RuntimeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise FileFormatError(weights_path, f"does not match {config_path.name} ({reason})", todo) from None
     return residual.to(device).eval()
+
+
+def _check_saved(config: dict, tensors: dict[str, torch.Tensor], path: Path, todo: str) -> None:
+    """Every size in ``config`` against the saved tensors' shapes (cheap: nothing is built)."""
+    def fail(problem: str):
+        raise FileFormatError(path, problem, todo)
+
+    sizes, forms, n_features = config.get("sizes"), config.get("forms"), config.get("n_features")
+    if not (isinstance(sizes, list) and len(sizes) >= 2 and all(isinstance(n, int) and n >= 0 for n in sizes)):
+        fail(f"sizes must be a list of >= 2 layer widths, got {sizes!r}")
+    if not (isinstance(forms, list) and len(forms) == len(sizes) - 1 and set(forms) <= set(FORMS)):
+        fail(f"forms must give one of {', '.join(FORMS)} per layer, got {forms!r}")
+    if not (isinstance(n_features, int) and n_features >= 1):
+        fail(f"n_features must be a positive whole number, got {n_features!r}")
+    if config.get("activation") not in ACTIVATIONS:
+        fail(f"unknown activation {config.get('activation')!r}")
+    for name in ("kept_neurons", "original_sizes"):
+        if config.get(name) is not None and not isinstance(config[name], list):
+            fail(f"{name} must be a list")
+    kept = tensors.get("kept_inputs")
+    if kept is None or tuple(kept.shape) != (sizes[0],):
+        fail(f"the weights' kept_inputs {None if kept is None else tuple(kept.shape)} do not match sizes[0] = "
+             f"{sizes[0]}")
+    if kept.numel() and not (int(kept.min()) >= 0 and int(kept.max()) < n_features):
+        fail(f"kept_inputs must be input indices below n_features = {n_features}")
+    for i, (n_in, n_out, form) in enumerate(zip(sizes[:-1], sizes[1:], forms, strict=True)):
+        shapes = {key.removeprefix(f"layers.{i}."): tuple(t.shape) for key, t in tensors.items()
+                  if key.startswith(f"layers.{i}.")}
+        expected = {"bias": (n_out,)}
+        if form == "dense" or n_in == 0 or n_out == 0:
+            expected["weight"] = (n_out, n_in)
+        else:
+            expected["crow_indices"] = (n_out + 1,)
+            count = shapes.get("values", (None,))[0]
+            expected |= {"values": (count,), "col_indices": (count,)}
+        wrong = {k: shapes.get(k) for k, v in expected.items() if shapes.get(k) != v}
+        if wrong:
+            fail(f"layer {i} ({n_in} -> {n_out}, {form}): the weights hold {wrong}, expected "
+                 f"{ {k: expected[k] for k in wrong} }")

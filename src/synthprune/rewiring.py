@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -141,6 +142,7 @@ class Rewirer:
         self.layers: list[tuple[str, SparseLinear]] = sparse_layers(model)
         if not self.layers:
             raise ValueError("model has no SparseLinear layers: build it with SparseMLP or sparsify()")
+        _check_optimizer(optimizer, self.layers)
         self.model, self.optimizer = model, optimizer
         self.prune, self.grow, self.zeta = prune, grow, zeta
         self.zeta_schedule, self.total_steps, self.seed = zeta_schedule, total_steps, seed
@@ -384,6 +386,22 @@ class Rewirer:
             self.initial_counts = [int(c) for c in compression["initial_counts"]]
             self.final_counts = [int(c) for c in compression["final_counts"]]
             self.shrink_steps_done = int(compression["shrink_steps_done"])
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer | None, layers: list[tuple[str, SparseLinear]]) -> None:
+    """The optimizer must hold every sparse layer's connection Parameter: its state (momentum,
+    Adam moments) is carried to the new wiring at each step. Another model's optimizer would
+    keep training the old tensors; none at all leaves stale state misaligned with the wiring."""
+    if optimizer is None:
+        warnings.warn("Rewirer without the optimizer: momentum or Adam state will not follow the rewiring (it "
+                      "would be misaligned with the new connections); pass Rewirer(model, optimizer, ...)",
+                      UserWarning, stacklevel=3)
+        return
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [name for name, layer in layers if id(layer.connection_parameter()) not in held]
+    if missing:
+        raise ValueError(f"the optimizer does not hold the connection weights of {', '.join(missing)}: build it "
+                         "from this model's parameters (torch.optim.SGD(model.parameters(), ...)) before the Rewirer")
 
 
 def _successors(model: nn.Module, layers: list[SparseLinear]) -> list[nn.Module | None]:

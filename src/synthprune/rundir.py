@@ -137,6 +137,8 @@ class RunDir:
         todo = "it is written by synthprune train; restore it from the checkpoint's run or train again"
         rows = [{k: _number(v) for k, v in row.items()}
                 for row in read_csv_rows(self.metrics, todo, required=("epoch", "test_accuracy", "connections"))]
+        if not rows:
+            raise FileFormatError(self.metrics, "has no rows", todo)
         for line, row in enumerate(rows, start=2):
             bad = [k for k in ("epoch", "test_accuracy", "connections") if isinstance(row[k], str)]
             if bad:

@@ -16,6 +16,7 @@ with :func:`list_strategies`.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -229,6 +230,9 @@ def grow_synthesis(
     """
     if endpoint not in ("cdf", "tail"):
         raise ValueError(f"unknown endpoint {endpoint!r}; valid: cdf, tail")
+    for name, kappa in (("kappa_start", kappa_start), ("kappa_end", kappa_end)):
+        if not math.isfinite(kappa):
+            raise ValueError(f"{name} must be a finite z-score, got {kappa!r}")
     s, t = input_strength(ctx), output_strength(ctx)
     start_mask = zscore(s) >= kappa_start
     start_p = torch.where(start_mask, s, torch.zeros_like(s))
@@ -238,7 +242,11 @@ def grow_synthesis(
     if endpoint == "cdf":
         end_p = normal_cdf(z_end)
     else:
-        kappa = kappa_end
+        # Steps of 0.5 from kappa_end, skipping at once those above every z-score (they select
+        # nothing: a kappa_end of 1e12 must not take 2e12 steps to get there).
+        top = float(z_end.max()) if z_end.numel() else kappa_end
+        top = top if math.isfinite(top) else kappa_end
+        kappa = kappa_end - 0.5 * max(0, math.ceil((kappa_end - top) / 0.5))
         end_mask = z_end >= kappa
         while _free_in_block(ctx, start_mask, end_mask) < count and not bool(end_mask.all()):
             kappa -= 0.5
@@ -259,7 +267,7 @@ def grown_share_at_top_decile(ctx: GrowContext, new_keys: torch.Tensor) -> float
     Random growth gives ≈0.1; synthesis should give far more. NaN when nothing was grown."""
     if new_keys.numel() == 0:
         return float("nan")
-    s = input_strength(ctx)
+    s = input_strength(ctx).float()  # quantile() takes float32/64 only (half-precision models)
     threshold = torch.quantile(s, 0.9)
     return float((s[new_keys % ctx.n_in] >= threshold).float().mean())
 

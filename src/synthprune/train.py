@@ -20,6 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from synthprune import distributed
+from synthprune.compare import save_snapshot
 from synthprune.config import TrainConfig, config_from_file
 from synthprune.data import load_dataset
 from synthprune.distributed import Ranks
@@ -28,7 +29,6 @@ from synthprune.layers import SparseLinear
 from synthprune.models import SparseMLP
 from synthprune.rewiring import Rewirer
 from synthprune.rundir import START_AGAIN, RunDir
-from synthprune.similarity import save_snapshot
 
 __all__ = [
     "TrainingError", "build_model", "build_rewirer", "fit", "linear_layers", "live_neurons", "load_run_model",

@@ -28,11 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_bytes
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse import csr_matrix
 from torch import nn
 
+from synthprune.files import FileFormatError, atomic_write, load_safetensors, read_json
 from synthprune.layers import SparseLinear
 from synthprune.residual import FORMAT as RESIDUAL_FORMAT
 from synthprune.residual import ResidualMLP, live_masks, load_residual
@@ -160,9 +161,12 @@ def structure_of(source: nn.Module | str | Path | Structure, residual: bool = Tr
         path = Path(source)
         if path.is_file() and path.suffix == ".safetensors":
             structure = load_snapshot(path)
-        elif (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get(
+        elif (path / "config.json").is_file() and read_json(path / "config.json", "pass a run directory, a "
+                                                              "residual folder or a snapshot").get(
                 "format") == RESIDUAL_FORMAT:
             structure = _residual_structure(load_residual(path), str(path))
+        elif not path.exists():
+            raise ValueError(f"{path}: not found; pass a run directory, a residual folder or a topology snapshot")
         else:
             from synthprune.train import load_run_model  # training code only for run directories
 
@@ -183,25 +187,39 @@ def save_snapshot(model: nn.Module, path: str | Path, epoch: int) -> Path:
     metadata = {"format": "synthprune-topology", "epoch": str(epoch), "widths": json.dumps(structure.widths),
                 "layers": json.dumps(structure.layer_names), "sparse": json.dumps(structure.sparse)}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    atomic_write(path, safetensors_bytes(tensors, metadata=metadata))
     return path
 
 
 def load_snapshot(path: str | Path) -> Structure:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as handle:
-        metadata = handle.metadata() or {}
+    """The wiring saved by :func:`save_snapshot`; a damaged or foreign file raises
+    :class:`~synthprune.files.FileFormatError` naming it."""
+    todo = "pass a snapshot written by train --save-topology-every"
+    tensors, metadata = load_safetensors(path, todo)
     if metadata.get("format") != "synthprune-topology":
-        raise ValueError(f"{path} is not a synthprune topology snapshot")
-    tensors = load_file(str(path))
-    widths, names, sparse = (json.loads(metadata[k]) for k in ("widths", "layers", "sparse"))
-    keys = [tensors[name].long() if is_sparse else torch.arange(n_in * n_out)
-            for name, is_sparse, n_in, n_out in zip(names, sparse, widths[:-1], widths[1:], strict=True)]
-    return Structure(f"{path} (epoch {metadata['epoch']})", widths, keys, sparse, names)
+        raise FileFormatError(path, "is not a synthprune topology snapshot", todo)
+    try:
+        widths, names, sparse = (json.loads(metadata[k]) for k in ("widths", "layers", "sparse"))
+        epoch = int(metadata["epoch"])
+    except (KeyError, ValueError) as exc:
+        raise FileFormatError(path, f"damaged metadata ({exc.__class__.__name__}: {exc})", todo) from None
+    if not (isinstance(widths, list) and all(isinstance(w, int) and w >= 1 for w in widths)
+            and isinstance(names, list) and isinstance(sparse, list) and len(names) == len(sparse) == len(widths) - 1):
+        raise FileFormatError(path, "damaged metadata (widths, layers and sparse do not fit together)", todo)
+    keys = []
+    for name, is_sparse, n_in, n_out in zip(names, sparse, widths[:-1], widths[1:], strict=True):
+        if not is_sparse:
+            keys.append(torch.arange(n_in * n_out))
+            continue
+        layer_keys = tensors.get(name)
+        if layer_keys is None or layer_keys.dim() != 1 or layer_keys.is_floating_point():
+            raise FileFormatError(path, f"layer {name!r} has no key tensor", todo)
+        layer_keys = layer_keys.long()
+        if layer_keys.numel() and (int(layer_keys.min()) < 0 or int(layer_keys.max()) >= n_in * n_out
+                                   or not bool((layer_keys.diff() > 0).all())):
+            raise FileFormatError(path, f"layer {name!r}: keys are not sorted, unique and below {n_in * n_out}", todo)
+        keys.append(layer_keys)
+    return Structure(f"{path} (epoch {epoch})", widths, keys, sparse, names)
 
 
 # --------------------------------------------------------------------------- measures
@@ -337,7 +355,6 @@ def write_matrix(sources: list, folder: str | Path, match: str = "hungarian", re
     import io
 
     from synthprune.plots import similarity_heatmap
-    from synthprune.rundir import atomic_write
 
     measure = measure or _default_measure(match)
     names, matrix = similarity_matrix(sources, match, residual, measure)
