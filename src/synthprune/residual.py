@@ -320,7 +320,7 @@ def load_residual(path: str | Path, device: str = "cpu") -> ResidualMLP:
         raise FileFormatError(config_path, f"is not a synthprune residual network (format {config.get('format')!r})",
                               todo)
     tensors, _ = load_safetensors(weights_path, todo, device=device)
-    _check_saved(config, tensors, config_path, todo)
+    _check_saved(config, tensors, config_path, weights_path, todo)
     tensors = {k: v.long() if not v.is_floating_point() else v for k, v in tensors.items()}
     residual = ResidualMLP(config["n_features"], tensors["kept_inputs"], config["sizes"], config["activation"],
                            config["forms"], config.get("kept_neurons"), config.get("original_sizes"))
@@ -333,10 +333,13 @@ def load_residual(path: str | Path, device: str = "cpu") -> ResidualMLP:
     return residual.to(device).eval()
 
 
-def _check_saved(config: dict, tensors: dict[str, torch.Tensor], path: Path, todo: str) -> None:
+def _check_saved(config: dict, tensors: dict[str, torch.Tensor], path: Path, weights: Path, todo: str) -> None:
     """Every size in ``config`` against the saved tensors' shapes (cheap: nothing is built)."""
     def fail(problem: str):
         raise FileFormatError(path, problem, todo)
+
+    def mismatch(problem: str):
+        raise FileFormatError(weights, f"does not match {path.name}: {problem}", todo)
 
     sizes, forms, n_features = config.get("sizes"), config.get("forms"), config.get("n_features")
     if not (isinstance(sizes, list) and len(sizes) >= 2 and all(isinstance(n, int) and n >= 0 for n in sizes)):
@@ -352,8 +355,7 @@ def _check_saved(config: dict, tensors: dict[str, torch.Tensor], path: Path, tod
             fail(f"{name} must be a list")
     kept = tensors.get("kept_inputs")
     if kept is None or tuple(kept.shape) != (sizes[0],):
-        fail(f"the weights' kept_inputs {None if kept is None else tuple(kept.shape)} do not match sizes[0] = "
-             f"{sizes[0]}")
+        mismatch(f"kept_inputs {None if kept is None else tuple(kept.shape)}, sizes[0] = {sizes[0]}")
     if kept.numel() and not (int(kept.min()) >= 0 and int(kept.max()) < n_features):
         fail(f"kept_inputs must be input indices below n_features = {n_features}")
     for i, (n_in, n_out, form) in enumerate(zip(sizes[:-1], sizes[1:], forms, strict=True)):
@@ -368,5 +370,5 @@ def _check_saved(config: dict, tensors: dict[str, torch.Tensor], path: Path, tod
             expected |= {"values": (count,), "col_indices": (count,)}
         wrong = {k: shapes.get(k) for k, v in expected.items() if shapes.get(k) != v}
         if wrong:
-            fail(f"layer {i} ({n_in} -> {n_out}, {form}): the weights hold {wrong}, expected "
-                 f"{ {k: expected[k] for k in wrong} }")
+            mismatch(f"layer {i} ({n_in} -> {n_out}, {form}) holds {wrong}, expected "
+                     f"{ {k: expected[k] for k in wrong} }")
