@@ -22,9 +22,13 @@ data:
 	@if [ ! -e $(FMNIST) ] && command -v apt-get >/dev/null; then \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; fi
 
+# The suite runs with COLUMNS unset (80 columns, as in CI), then the output tests at 60 columns:
+# printed paths, tables and --help must stay whole whatever the width.
+NARROW_TESTS := tests/test_cli.py tests/test_sweep.py tests/test_bad_input.py tests/test_api_contracts.py
 test: $(STAMP)
 	$(PY) -m ruff check src tests examples experiments
-	$(PY) -m pytest -q
+	env -u COLUMNS $(PY) -m pytest -q
+	COLUMNS=60 $(PY) -m pytest -q $(NARROW_TESTS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests examples experiments

@@ -23,8 +23,8 @@ def test_quick_start_is_short_and_matches_the_example():
 def test_quick_start_runs_and_learns(capsys):
     exec(compile(readme_quick_start(), "README.md", "exec"), {"__name__": "__main__"})
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    accuracy = float(re.search(r"accuracy ([0-9.]+)", last).group(1))
-    assert accuracy > 0.9, last
+    accuracy = float(re.search(r"held-out accuracy ([0-9.]+)", last).group(1))
+    assert accuracy > 0.75, last  # README: 82% on held-out examples
     assert "connections [3200, 5120]" in last
 
 
@@ -34,5 +34,5 @@ def test_compression_example_matches_and_runs(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {"__name__": "__main__"})
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert float(re.search(r"accuracy ([0-9.]+)", last).group(1)) > 0.9, last
+    assert float(re.search(r"held-out accuracy ([0-9.]+)", last).group(1)) > 0.9, last
     assert (tmp_path / "residual-net" / "model.safetensors").is_file()

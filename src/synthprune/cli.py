@@ -41,8 +41,16 @@ UNBOUNDED = 10_000
 
 
 def show(renderable) -> None:
-    """Print a table (or text): wrapped to the terminal on one, whole everywhere else."""
-    console.print(renderable, width=None if console.is_terminal else UNBOUNDED, highlight=False)
+    """Print a table (or text): fitted to the terminal on one, whole everywhere else (a console's
+    width caps every print, so off a terminal an unbounded one does the printing). A table's
+    title goes on a line of its own first: rich wraps a title (often a path) to the table's width."""
+    if isinstance(renderable, Table) and isinstance(renderable.title, str):
+        console.print(renderable.title, highlight=False, style="bold")
+        renderable.title = None
+    if console.is_terminal:
+        console.print(renderable, highlight=False)
+    else:
+        Console(file=console.file, width=UNBOUNDED, markup=False, highlight=False, color_system=None).print(renderable)
 
 
 class EpochBar:
