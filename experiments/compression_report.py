@@ -1,5 +1,5 @@
-"""Summarise the runs of experiments/compression.sh: a Markdown table (mean ± std over seeds)
-on stdout and the accuracy-vs-connections figure for docs/RESULTS.md.
+"""Summarise the runs of experiments/compression.yaml (each read from its own config): a Markdown
+table (mean ± std over seeds) on stdout and the accuracy-vs-connections figure for docs/RESULTS.md.
 
     python experiments/compression_report.py [RUNS_FOLDER] [FIGURE]
     (default: runs/reference/e10 and docs/figures/compression.png)
@@ -8,7 +8,6 @@ on stdout and the accuracy-vs-connections figure for docs/RESULTS.md.
 from __future__ import annotations
 
 import json
-import re
 import statistics
 import sys
 from collections import defaultdict
@@ -17,7 +16,7 @@ from pathlib import Path
 from synthprune.experiments import mean_std
 from synthprune.plots import accuracy_vs_connections
 from synthprune.residual import residual_network
-from synthprune.train import load_run_model
+from synthprune.runs import load_run_model
 
 NAMES = {"synthesis": "synthesis", "random": "SET (random)", "none": "static", "dense": "dense",
          "synthesis_tail": "synthesis (tail)", "gradient": "RigL"}
@@ -27,13 +26,14 @@ COLORS = {"synthesis": "tab:orange", "random": "tab:blue", "none": "tab:gray", "
 
 def main(folder: Path, figure: Path) -> None:
     records = []
-    for info_path in sorted(folder.glob("*-s*/final/config.json")):
-        match = re.fullmatch(r"(\w+)-([\w.]+)-s(\d+)", info_path.parent.parent.name)
-        if not match:
-            continue
-        grow, target, seed = match.groups()
+    for info_path in sorted(folder.glob("*/final/config.json")):
         info = json.loads(info_path.read_text())
-        model, _ = load_run_model(info_path.parent.parent)
+        model, config = load_run_model(info_path.parent.parent)  # what the run was, from its own config
+        grow = "dense" if not config.sparse else config.grow
+        if grow == "synthesis" and config.endpoint == "tail":
+            grow = "synthesis_tail"
+        target = "full" if config.compress_to is None else str(config.compress_to)
+        seed = config.seed
         _, residual = residual_network(model.eval())
         records.append({
             "grow": grow, "target": target, "seed": int(seed), "summary": info["summary"], "residual": residual,

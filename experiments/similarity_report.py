@@ -13,7 +13,6 @@ Prints Markdown tables on stdout.
 from __future__ import annotations
 
 import itertools
-import re
 import statistics
 import sys
 from collections import defaultdict
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from synthprune.compare import Structure, load_snapshot, similarity, structure_of, write_matrix
+from synthprune.rundir import RunDir
 
 STRATEGIES = {
     "synthesis-full": "synthesis", "synthesis_tail-full": "synthesis (tail)", "random-full": "SET",
@@ -68,10 +68,12 @@ def stats(values: list[float]) -> str:
 
 def main(folder: Path, figures: Path) -> None:
     runs: dict[str, dict[int, Path]] = defaultdict(dict)
-    for path in sorted(folder.glob("*-s*/final/model.safetensors")):
-        match = re.fullmatch(r"(.+)-s(\d+)", path.parent.parent.name)
-        if match and match.group(1) in STRATEGIES:
-            runs[match.group(1)][int(match.group(2))] = path.parent.parent
+    for path in sorted(folder.glob("*/final/model.safetensors")):
+        run = path.parent.parent
+        seed = RunDir(run).read_config()["seed"]  # the seed from the run's config, its name from the sweep's label
+        name = run.name.removesuffix(f"-s{seed}")
+        if name in STRATEGIES:
+            runs[name][seed] = run
     structures = {(name, seed): structure_of(run) for name, by_seed in runs.items() for seed, run in by_seed.items()}
 
     print("### Across seeds (hidden neurons matched)\n")

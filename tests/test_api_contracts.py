@@ -16,7 +16,8 @@ from synthprune.cli import app, main
 from synthprune.config import load_config
 from synthprune.data import DataError, load_dataset
 from synthprune.files import FileFormatError
-from synthprune.train import fit, load_run_model
+from synthprune.runs import load_run_model
+from synthprune.train import fit
 
 
 def test_the_class_count_is_the_datasets_not_the_labels_left_after_limit_train(tmp_path):

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import synthprune
 import synthprune.train
 from synthprune.cli import app, main
-from synthprune.train import load_run_model
+from synthprune.runs import load_run_model
 
 QUICK = ["--preset", "digits-mlp", "--epochs", "3", "--quiet"]
 

@@ -19,7 +19,8 @@ from synthprune.cli import main
 from synthprune.config import load_config
 from synthprune.experiments import grid, plan
 from synthprune.rundir import RunDir
-from synthprune.train import fit, load_run_model
+from synthprune.runs import load_run_model
+from synthprune.train import fit
 
 pytestmark = pytest.mark.slow
 

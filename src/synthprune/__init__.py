@@ -13,6 +13,7 @@ from synthprune.layers import BACKENDS, CSRLinear, MaskedLinear, SparseLinear
 from synthprune.models import SparseMLP, sparse_layers, sparsify
 from synthprune.residual import ResidualMLP, ResidualSummary, load_residual, residual_network, save_residual
 from synthprune.rewiring import LayerReport, Rewirer
+from synthprune.runs import load_run_model
 from synthprune.strategies import list_strategies, register_grow, register_prune
 from synthprune.topology import TopologyError
 
@@ -43,6 +44,7 @@ __all__ = [
     "__version__",
     "list_strategies",
     "load_residual",
+    "load_run_model",
     "register_grow",
     "register_prune",
     "residual_network",

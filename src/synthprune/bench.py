@@ -26,7 +26,7 @@ from torch import nn
 from synthprune.models import SparseMLP
 from synthprune.residual import residual_network
 from synthprune.rewiring import Rewirer
-from synthprune.train import connections
+from synthprune.runs import connections
 
 __all__ = ["BenchSettings", "run_bench"]
 

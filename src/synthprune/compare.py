@@ -22,21 +22,19 @@ reported per layer but left out of the overall figures.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save as safetensors_bytes
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse import csr_matrix
 from torch import nn
 
-from synthprune.files import FileFormatError, atomic_write, load_safetensors, read_json
-from synthprune.layers import SparseLinear
+from synthprune.files import atomic_write, read_json
 from synthprune.residual import FORMAT as RESIDUAL_FORMAT
-from synthprune.residual import ResidualMLP, live_masks, load_residual
+from synthprune.residual import ResidualMLP, load_residual
+from synthprune.wiring import Structure, load_snapshot, model_structure, residual_structure, save_snapshot
 
 __all__ = [
     "MATCHES", "MEASURES", "LayerSimilarity", "Similarity", "Structure", "load_snapshot", "over_epochs",
@@ -51,35 +49,6 @@ def _default_measure(match: str) -> str:
     return "matched_edge_jaccard" if match == "hungarian" else "edge_jaccard"
 
 MEASURES = ("input_jaccard", "edge_jaccard", "edge_overlap", "matched_edge_jaccard", "matched_edge_overlap", "nnstd")
-
-
-@dataclass
-class Structure:
-    """A network's wiring: ``widths`` per level (inputs, hidden..., outputs) and, per linear
-    layer, its connections as sorted keys ``row * n_in + col`` in the original numbering."""
-
-    name: str
-    widths: list[int]
-    keys: list[torch.Tensor]
-    sparse: list[bool]  # learnt wiring (SparseLinear) or dense by design
-    layer_names: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.layer_names:
-            self.layer_names = [f"fc{i}" for i in range(1, len(self.keys) + 1)]
-
-    def edges(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n_in = self.widths[layer]
-        return self.keys[layer] // n_in, self.keys[layer] % n_in
-
-    def residual(self) -> Structure:
-        """The same structure restricted to neurons on an input-to-output path."""
-        alive = live_masks([self.edges(i) for i in range(len(self.keys))], self.widths)
-        keys = []
-        for i in range(len(self.keys)):
-            rows, cols = self.edges(i)
-            keys.append(self.keys[i][alive[i + 1][rows] & alive[i][cols]])
-        return Structure(self.name, self.widths, keys, self.sparse, self.layer_names)
 
 
 @dataclass(kw_only=True)
@@ -119,44 +88,14 @@ class Similarity(EdgeMeasures):
 # --------------------------------------------------------------------------- structures
 
 
-def _model_structure(model: nn.Module, name: str) -> Structure:
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseLinear, nn.Linear))]
-    if not linears:
-        raise ValueError(f"{name} has no linear layers")
-    widths = [linears[0][1].in_features] + [m.out_features for _, m in linears]
-    keys = []
-    for _, layer in linears:
-        if isinstance(layer, SparseLinear):
-            keys.append(layer.keys().cpu())
-        else:
-            keys.append(torch.arange(layer.in_features * layer.out_features))
-    return Structure(name, widths, keys, [isinstance(m, SparseLinear) for _, m in linears], [n for n, _ in linears])
-
-
-def _residual_structure(net: ResidualMLP, name: str) -> Structure:
-    """A saved residual network, mapped back to its original neuron numbering."""
-    kept = [net.kept_inputs.cpu(), *(k.cpu() for k in net.kept_neurons), torch.arange(net.sizes[-1])]
-    widths = list(net.original_sizes)
-    keys, sparse = [], []
-    for i, layer in enumerate(net.layers):
-        if isinstance(layer, SparseLinear):
-            rows, cols = layer.edge_index().cpu()
-        else:
-            rows = torch.arange(layer.out_features).repeat_interleave(layer.in_features)
-            cols = torch.arange(layer.in_features).repeat(layer.out_features)
-        keys.append(torch.sort(kept[i + 1][rows] * widths[i] + kept[i][cols]).values)
-        sparse.append(net.forms[i] == "csr")
-    return Structure(name, widths, keys, sparse)
-
-
 def structure_of(source: nn.Module | str | Path | Structure, residual: bool = True) -> Structure:
     """The (residual) wiring of a model, a run directory, a saved residual network folder, or
     a topology snapshot file (``train --save-topology-every``)."""
     if isinstance(source, Structure):
         structure = source
     elif isinstance(source, nn.Module):
-        structure = (_residual_structure(source, type(source).__name__) if isinstance(source, ResidualMLP)
-                     else _model_structure(source, type(source).__name__))
+        structure = (residual_structure(source, type(source).__name__) if isinstance(source, ResidualMLP)
+                     else model_structure(source, type(source).__name__))
     else:
         path = Path(source)
         if path.is_file() and path.suffix == ".safetensors":
@@ -164,62 +103,16 @@ def structure_of(source: nn.Module | str | Path | Structure, residual: bool = Tr
         elif (path / "config.json").is_file() and read_json(path / "config.json", "pass a run directory, a "
                                                               "residual folder or a snapshot").get(
                 "format") == RESIDUAL_FORMAT:
-            structure = _residual_structure(load_residual(path), str(path))
+            structure = residual_structure(load_residual(path), str(path))
         elif not path.exists():
             raise ValueError(f"{path}: not found; pass a run directory, a residual folder or a topology snapshot")
         else:
-            from synthprune.train import load_run_model  # training code only for run directories
+            from synthprune.runs import load_run_model
 
             model, _ = load_run_model(path)
-            structure = _model_structure(model, str(path))
+            structure = model_structure(model, str(path))
             structure.name = str(path)
     return structure.residual() if residual else structure
-
-
-def save_snapshot(model: nn.Module, path: str | Path, epoch: int) -> Path:
-    """Write the model's wiring alone (no weights): one int32/int64 key tensor per layer."""
-    structure = _model_structure(model, "")
-    tensors = {}
-    for name, keys, sparse, n_in, n_out in zip(structure.layer_names, structure.keys, structure.sparse,
-                                               structure.widths[:-1], structure.widths[1:], strict=True):
-        if sparse:
-            tensors[name] = keys.to(torch.int32 if n_in * n_out < 2**31 else torch.int64).contiguous()
-    metadata = {"format": "synthprune-topology", "epoch": str(epoch), "widths": json.dumps(structure.widths),
-                "layers": json.dumps(structure.layer_names), "sparse": json.dumps(structure.sparse)}
-    path = Path(path)
-    atomic_write(path, safetensors_bytes(tensors, metadata=metadata))
-    return path
-
-
-def load_snapshot(path: str | Path) -> Structure:
-    """The wiring saved by :func:`save_snapshot`; a damaged or foreign file raises
-    :class:`~synthprune.files.FileFormatError` naming it."""
-    todo = "pass a snapshot written by train --save-topology-every"
-    tensors, metadata = load_safetensors(path, todo)
-    if metadata.get("format") != "synthprune-topology":
-        raise FileFormatError(path, "is not a synthprune topology snapshot", todo)
-    try:
-        widths, names, sparse = (json.loads(metadata[k]) for k in ("widths", "layers", "sparse"))
-        epoch = int(metadata["epoch"])
-    except (KeyError, ValueError) as exc:
-        raise FileFormatError(path, f"damaged metadata ({exc.__class__.__name__}: {exc})", todo) from None
-    if not (isinstance(widths, list) and all(isinstance(w, int) and w >= 1 for w in widths)
-            and isinstance(names, list) and isinstance(sparse, list) and len(names) == len(sparse) == len(widths) - 1):
-        raise FileFormatError(path, "damaged metadata (widths, layers and sparse do not fit together)", todo)
-    keys = []
-    for name, is_sparse, n_in, n_out in zip(names, sparse, widths[:-1], widths[1:], strict=True):
-        if not is_sparse:
-            keys.append(torch.arange(n_in * n_out))
-            continue
-        layer_keys = tensors.get(name)
-        if layer_keys is None or layer_keys.dim() != 1 or layer_keys.is_floating_point():
-            raise FileFormatError(path, f"layer {name!r} has no key tensor", todo)
-        layer_keys = layer_keys.long()
-        if layer_keys.numel() and (int(layer_keys.min()) < 0 or int(layer_keys.max()) >= n_in * n_out
-                                   or not bool((layer_keys.diff() > 0).all())):
-            raise FileFormatError(path, f"layer {name!r}: keys are not sorted, unique and below {n_in * n_out}", todo)
-        keys.append(layer_keys)
-    return Structure(f"{path} (epoch {epoch})", widths, keys, sparse, names)
 
 
 # --------------------------------------------------------------------------- measures

@@ -325,7 +325,7 @@ def _summary(run: SweepRun) -> dict:
     import json
 
     from synthprune.residual import residual_network
-    from synthprune.train import load_run_model
+    from synthprune.runs import load_run_model
 
     info = json.loads((RunDir(run.out).final / "config.json").read_text())
     model, _ = load_run_model(run.out)

@@ -13,7 +13,7 @@ import torch
 
 from synthprune.residual import ResidualMLP, ResidualSummary, residual_network, save_residual
 from synthprune.rundir import RunDir
-from synthprune.train import load_run_model
+from synthprune.runs import load_run_model
 
 __all__ = ["ResidualFiles", "export_onnx", "write_residual"]
 

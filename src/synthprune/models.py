@@ -13,7 +13,7 @@ from torch import nn
 from synthprune.layers import DenseLinear, SparseLinear, check_backend, initial_values
 from synthprune.topology import er_count, erk_counts, uniform_count
 
-__all__ = ["ACTIVATIONS", "DISTRIBUTIONS", "SparseMLP", "sparse_layers", "sparsify"]
+__all__ = ["ACTIVATIONS", "DISTRIBUTIONS", "SparseMLP", "linear_layers", "sparse_layers", "sparsify"]
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -25,6 +25,11 @@ ACTIVATIONS = {
     "leaky_relu": nn.LeakyReLU,
 }
 DISTRIBUTIONS = ("er", "uniform", "erk")
+
+
+def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``[(name, layer)]`` for every sparse and dense linear layer of ``model``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseLinear, nn.Linear))]
 
 
 def sparse_layers(model: nn.Module) -> list[tuple[str, SparseLinear]]:

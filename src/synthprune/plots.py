@@ -13,8 +13,9 @@ import torch
 from matplotlib.ticker import MaxNLocator
 
 from synthprune.layers import SparseLinear
+from synthprune.models import linear_layers
 from synthprune.rundir import RunDir
-from synthprune.train import linear_layers, load_run_model
+from synthprune.runs import load_run_model
 
 __all__ = ["accuracy_vs_connections", "input_connectivity", "plot_runs", "similarity_heatmap"]
 

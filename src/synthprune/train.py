@@ -6,78 +6,35 @@ checkpoint. The run directory is the only output; analysis reads it afterwards.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from itertools import pairwise
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from synthprune import distributed
-from synthprune.compare import save_snapshot
 from synthprune.config import TrainConfig, config_from_file
 from synthprune.data import load_dataset
 from synthprune.distributed import Ranks
-from synthprune.files import FileFormatError, atomic_write, load_safetensors, read_json
-from synthprune.layers import SparseLinear
-from synthprune.models import SparseMLP
+from synthprune.files import FileFormatError
 from synthprune.rewiring import Rewirer
 from synthprune.rundir import START_AGAIN, RunDir
+from synthprune.runs import build_model, connections, live_neurons, summarize, write_final
+from synthprune.wiring import save_snapshot
 
-__all__ = [
-    "TrainingError", "build_model", "build_rewirer", "fit", "linear_layers", "live_neurons", "load_run_model",
-    "split_validation", "summarize",
-]
+__all__ = ["TrainingError", "build_rewirer", "fit", "split_validation"]
 
 
-FINAL_FORMAT = "synthprune-mlp"
 # Settings a resume may change without changing what the run computes.
 RESUMABLE_CHANGES = ("device", "data_dir")
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the last checkpoint is kept."""
-
-
-def build_model(config: TrainConfig, n_features: int, n_classes: int) -> SparseMLP:
-    """The MLP of a config; ``backend="dense"`` gives the same MLP with every layer dense."""
-    sizes = [n_features, *config.hidden, n_classes]
-    sparsity = {"density": 1.0} if not config.sparse else {"epsilon": config.epsilon}
-    return SparseMLP(
-        sizes, **sparsity, backend="csr" if not config.sparse else config.backend, activation=config.activation,
-        dropout=config.dropout, dense_output=config.dense_output, init=config.init, seed=config.seed,
-    )
-
-
-def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Sparse and dense linear layers of a model, in order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseLinear, nn.Linear))]
-
-
-def _degrees(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(in-degree of each output neuron ``[n_out]``, out-degree of each input ``[n_in]``)."""
-    if isinstance(layer, SparseLinear):
-        rows, cols = layer.edge_index().cpu()
-        return (torch.bincount(rows, minlength=layer.out_features),
-                torch.bincount(cols, minlength=layer.in_features))
-    return (torch.full((layer.out_features,), layer.in_features), torch.full((layer.in_features,), layer.out_features))
-
-
-def live_neurons(model: nn.Module) -> list[int]:
-    """Hidden neurons per hidden layer with at least one input and one output connection (one
-    pass; the residual network removes dead neurons to a fixed point)."""
-    degrees = [_degrees(layer) for _, layer in linear_layers(model)]  # once per layer
-    return [int(((a[0] > 0) & (b[1] > 0)).sum()) for a, b in pairwise(degrees)]
-
-
-def connections(model: nn.Module) -> dict[str, int]:
-    return {name: (m.nnz if isinstance(m, SparseLinear) else m.weight.numel()) for name, m in linear_layers(model)}
 
 
 @torch.no_grad()
@@ -100,7 +57,7 @@ def fit(
     progress: Callable[[int, int], object] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Train ``config`` into the run directory ``out``; returns the summary (see :func:`summarize`).
+    """Train ``config`` into the run directory ``out``; returns the summary (see :func:`synthprune.runs.summarize`).
 
     ``resume=True`` continues from ``out/checkpoint.pt`` with the run's saved config; the result
     equals an uninterrupted run's on the same machine. ``progress(total_batches, epoch)`` may
@@ -230,17 +187,6 @@ def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: Callable[[int
     if ranks.is_main:
         write_final(run, config, model, summary)
     return summary
-
-
-def write_final(run: RunDir, config: TrainConfig, model: SparseMLP, summary: dict) -> None:
-    """``final/model.safetensors``, then ``final/config.json``: the run counts as finished only
-    once the second is in place (:meth:`RunDir.is_finished`), so a kill between the two leaves
-    a run that ``--resume`` completes from its last checkpoint."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    metadata = {"format": FINAL_FORMAT, "config": json.dumps(config.to_dict())}
-    atomic_write(run.final / "model.safetensors", safetensors_bytes(tensors, metadata=metadata))
-    final_info = {"format": FINAL_FORMAT, "config": config.to_dict(), "sizes": model.sizes, "summary": summary}
-    atomic_write(run.final / "config.json", json.dumps(final_info, indent=2))
 
 
 def _restore(state: dict, config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -395,50 +341,3 @@ def build_rewirer(config: TrainConfig, model: nn.Module, optimizer: torch.optim.
     return Rewirer(model, optimizer, prune=config.prune, grow=config.grow, zeta=config.zeta,
                    zeta_schedule=config.zeta_schedule, total_steps=max(1, config.epochs - 1), seed=config.seed,
                    **compression, **config.grow_options())
-
-
-def summarize(metrics: list[dict], model: nn.Module) -> dict:
-    """Final and best test accuracy, connections, compression vs dense, seconds per epoch."""
-    last = metrics[-1]
-    per_layer = {k.removeprefix("connections_"): v for k, v in last.items() if k.startswith("connections_")}
-    dense = sum(m.in_features * m.out_features for _, m in linear_layers(model))
-    return {
-        "epochs": int(last["epoch"]),
-        "final_test_accuracy": last["test_accuracy"],
-        "best_test_accuracy": max(row["test_accuracy"] for row in metrics),
-        "connections": int(last["connections"]),
-        "connections_per_layer": per_layer,
-        "dense_weights": dense,
-        "density": last["connections"] / dense,
-        "live_neurons": live_neurons(model),
-        "seconds_per_epoch": sum(row["epoch_seconds"] for row in metrics) / len(metrics),
-    }
-
-
-def load_run_model(run: str | Path, device: str = "cpu") -> tuple[SparseMLP, TrainConfig]:
-    """The final model of a finished run (wiring and weights from ``final/model.safetensors``).
-    A missing, damaged or foreign file raises :class:`FileFormatError` naming it."""
-    run_dir = RunDir(run)
-    if not run_dir.is_finished():
-        raise ValueError(f"{run_dir.root} is not a finished run: final/config.json and final/model.safetensors are "
-                         f"not both there (an unfinished run? finish it with synthprune train --resume --out "
-                         f"{run_dir.root})")
-    info_path, weights_path = run_dir.final / "config.json", run_dir.final / "model.safetensors"
-    todo = f"train the run again, or resume it after deleting {run_dir.final}"
-    info = read_json(info_path, todo)
-    sizes = info.get("sizes")
-    if not (isinstance(sizes, list) and len(sizes) >= 2 and all(isinstance(n, int) and 0 < n < 2**24 for n in sizes)):
-        raise FileFormatError(info_path, f"sizes must be a list of >= 2 layer widths, got {sizes!r}", todo)
-    if not isinstance(info.get("config"), dict):
-        raise FileFormatError(info_path, "has no config", todo)
-    config = config_from_file(info["config"], info_path)
-    if config.hidden != sizes[1:-1]:
-        raise FileFormatError(info_path, f"sizes {sizes} do not match hidden {config.hidden}", todo)
-    tensors, _ = load_safetensors(weights_path, todo, device=device)
-    model = build_model(config, sizes[0], sizes[-1])
-    try:
-        model.load_state_dict(tensors)
-    except (RuntimeError, ValueError, KeyError, IndexError) as exc:
-        reason = str(exc).strip().splitlines()[0][:200]
-        raise FileFormatError(weights_path, f"does not match {info_path.name} ({reason})", todo) from None
-    return model.to(device), config

@@ -1,0 +1,122 @@
+"""Finished runs: the one home of ``RUN/final/`` -- how a config becomes a model, what a run
+is summarised by, writing the final files and loading them back -- and the one definition of a
+live neuron. Analysis (plots, similarity, export, sweeps, reports) reads runs through here and
+never imports the trainer.
+
+``final/model.safetensors`` holds the model's state dict (weights and wiring) with the config
+as metadata; ``final/config.json`` holds ``{"format", "config", "sizes", "summary"}`` and is
+written last, so its presence marks a finished run (:meth:`RunDir.is_finished`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from synthprune.config import TrainConfig, config_from_file
+from synthprune.files import FileFormatError, atomic_write, load_safetensors, read_json
+from synthprune.layers import SparseLinear
+from synthprune.models import SparseMLP, linear_layers
+from synthprune.residual import live_masks
+from synthprune.rundir import RunDir
+
+__all__ = [
+    "FINAL_FORMAT", "build_model", "connections", "live_neurons", "load_run_model", "summarize", "write_final",
+]
+
+FINAL_FORMAT = "synthprune-mlp"
+
+
+def build_model(config: TrainConfig, n_features: int, n_classes: int) -> SparseMLP:
+    """The MLP of a config; ``backend="dense"`` gives the same MLP with every layer dense."""
+    sizes = [n_features, *config.hidden, n_classes]
+    sparsity = {"density": 1.0} if not config.sparse else {"epsilon": config.epsilon}
+    return SparseMLP(
+        sizes, **sparsity, backend="csr" if not config.sparse else config.backend, activation=config.activation,
+        dropout=config.dropout, dense_output=config.dense_output, init=config.init, seed=config.seed,
+    )
+
+
+def edges(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, cols)``: output and input neuron of each connection of a linear layer (CPU)."""
+    if isinstance(layer, SparseLinear):
+        rows, cols = layer.edge_index().cpu()
+        return rows, cols
+    rows = torch.arange(layer.out_features).repeat_interleave(layer.in_features)
+    return rows, torch.arange(layer.in_features).repeat(layer.out_features)
+
+
+def live_neurons(model: nn.Module) -> list[int]:
+    """Live neurons per hidden layer: those on a path from an input to an output, the fixed
+    point the residual network keeps (:func:`synthprune.residual.live_masks`). The one
+    definition used by ``metrics.csv``, run summaries and ``sweep.csv``."""
+    layers = [layer for _, layer in linear_layers(model)]
+    widths = [layers[0].in_features] + [layer.out_features for layer in layers]
+    return [int(mask.sum()) for mask in live_masks([edges(layer) for layer in layers], widths)[1:-1]]
+
+
+def connections(model: nn.Module) -> dict[str, int]:
+    """``{layer name: connections}`` for every linear layer, in order."""
+    return {name: (m.nnz if isinstance(m, SparseLinear) else m.weight.numel()) for name, m in linear_layers(model)}
+
+
+def summarize(metrics: list[dict], model: nn.Module) -> dict:
+    """Final and best test accuracy, connections, compression vs dense, seconds per epoch."""
+    last = metrics[-1]
+    per_layer = {k.removeprefix("connections_"): v for k, v in last.items() if k.startswith("connections_")}
+    dense = sum(m.in_features * m.out_features for _, m in linear_layers(model))
+    return {
+        "epochs": int(last["epoch"]),
+        "final_test_accuracy": last["test_accuracy"],
+        "best_test_accuracy": max(row["test_accuracy"] for row in metrics),
+        "connections": int(last["connections"]),
+        "connections_per_layer": per_layer,
+        "dense_weights": dense,
+        "density": last["connections"] / dense,
+        "live_neurons": live_neurons(model),
+        "seconds_per_epoch": sum(row["epoch_seconds"] for row in metrics) / len(metrics),
+    }
+
+
+def write_final(run: RunDir, config: TrainConfig, model: SparseMLP, summary: dict) -> None:
+    """``final/model.safetensors``, then ``final/config.json``: the run counts as finished only
+    once the second is in place (:meth:`RunDir.is_finished`), so a kill between the two leaves
+    a run that ``--resume`` completes from its last checkpoint."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    metadata = {"format": FINAL_FORMAT, "config": json.dumps(config.to_dict())}
+    atomic_write(run.final / "model.safetensors", safetensors_bytes(tensors, metadata=metadata))
+    final_info = {"format": FINAL_FORMAT, "config": config.to_dict(), "sizes": model.sizes, "summary": summary}
+    atomic_write(run.final / "config.json", json.dumps(final_info, indent=2))
+
+
+def load_run_model(run: str | Path, device: str = "cpu") -> tuple[SparseMLP, TrainConfig]:
+    """The final model of a finished run (wiring and weights from ``final/model.safetensors``).
+    A missing, damaged or foreign file raises :class:`FileFormatError` naming it."""
+    run_dir = RunDir(run)
+    if not run_dir.is_finished():
+        raise ValueError(f"{run_dir.root} is not a finished run: final/config.json and final/model.safetensors are "
+                         f"not both there (an unfinished run? finish it with synthprune train --resume --out "
+                         f"{run_dir.root})")
+    info_path, weights_path = run_dir.final / "config.json", run_dir.final / "model.safetensors"
+    todo = f"train the run again, or resume it after deleting {run_dir.final}"
+    info = read_json(info_path, todo)
+    sizes = info.get("sizes")
+    if not (isinstance(sizes, list) and len(sizes) >= 2 and all(isinstance(n, int) and 0 < n < 2**24 for n in sizes)):
+        raise FileFormatError(info_path, f"sizes must be a list of >= 2 layer widths, got {sizes!r}", todo)
+    if not isinstance(info.get("config"), dict):
+        raise FileFormatError(info_path, "has no config", todo)
+    config = config_from_file(info["config"], info_path)
+    if config.hidden != sizes[1:-1]:
+        raise FileFormatError(info_path, f"sizes {sizes} do not match hidden {config.hidden}", todo)
+    tensors, _ = load_safetensors(weights_path, todo, device=device)
+    model = build_model(config, sizes[0], sizes[-1])
+    try:
+        model.load_state_dict(tensors)
+    except (RuntimeError, ValueError, KeyError, IndexError) as exc:
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise FileFormatError(weights_path, f"does not match {info_path.name} ({reason})", todo) from None
+    return model.to(device), config
