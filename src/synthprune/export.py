@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from synthprune.files import atomic_write
 from synthprune.residual import ResidualMLP, ResidualSummary, residual_network, save_residual
 from synthprune.rundir import RunDir
 from synthprune.runs import load_run_model
@@ -38,8 +40,9 @@ def write_residual(run: str | Path, form: str = "csr") -> ResidualFiles:
     run_dir = RunDir(run)
     model, config = load_run_model(run)
     residual, summary = residual_network(model.eval(), form=form)
-    folder = save_residual(residual, run_dir.final / "residual",
-                           extra={"summary": summary.as_dict(), "trained_with": config.to_dict()})
+    with run_dir.lock:  # the run directory's one writer
+        folder = save_residual(residual, run_dir.final / "residual",
+                               extra={"summary": summary.as_dict(), "trained_with": config.to_dict()})
     return ResidualFiles(folder, summary, (run_dir.final / "model.safetensors").stat().st_size,
                          (folder / "model.safetensors").stat().st_size)
 
@@ -55,15 +58,19 @@ def export_onnx(run: str | Path, path: str | Path | None = None, opset: int = 18
             raise ValueError(f"ONNX export needs the {module!r} package: pip install 'synthprune[onnx]'") from None
     model, _ = load_run_model(run)
     residual, _ = residual_network(model.eval(), form="dense")
-    target = Path(path) if path is not None else RunDir(run).final / "residual" / "model.onnx"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _export(residual, target, opset)
+    run_dir = RunDir(run)
+    target = Path(path) if path is not None else run_dir.final / "residual" / "model.onnx"
+    with run_dir.lock if path is None else contextlib.nullcontext():  # writing into the run: its one writer
+        _export(residual, target, opset)
     return target
 
 
 def _export(residual: ResidualMLP, target: Path, opset: int) -> None:
+    """The exporter writes a file itself: it writes into a private temporary folder, and the
+    bytes reach ``target`` through :func:`atomic_write` (umask modes, never half-written)."""
     example = torch.zeros(2, residual.n_features)
-    tmp = target.with_name(f".{target.name}.tmp")
+    scratch = tempfile.TemporaryDirectory(prefix="synthprune-onnx-")
+    tmp = Path(scratch.name) / "model.onnx"
     # The exporter logs and warns about things irrelevant here (torchvision ops, pytree
     # deprecations); keep the command's output to what the user asked for.
     quiet = logging.getLogger("torch.onnx")
@@ -77,7 +84,7 @@ def _export(residual: ResidualMLP, target: Path, opset: int) -> None:
                 dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, opset_version=opset, dynamo=True,
                 external_data=False, verbose=False,
             )
-        tmp.replace(target)  # atomic: a failed export never leaves a half-written model
+        atomic_write(target, tmp.read_bytes())
     finally:
         quiet.setLevel(level)
-        tmp.unlink(missing_ok=True)
+        scratch.cleanup()
