@@ -17,9 +17,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from synthprune.config import PRESETS, TRAIN_BACKENDS, ConfigError, load_config
+from synthprune.config import PRESETS, TRAIN_BACKENDS, ConfigError, load_config, parse_assignments
 from synthprune.data import DATASETS
-from synthprune.strategies import grow_options, list_strategies
+from synthprune.strategies import grow_options, import_strategies, list_strategies
 
 # Typer >= 0.2x raises its own (vendored click) exceptions; older ones raise click's.
 CLI_ERRORS: tuple[type[Exception], ...] = (typer.TyperException,)
@@ -134,6 +134,15 @@ def train(
     nproc: Annotated[int, typer.Option(
         min=1, help="Data-parallel processes on this machine (starts torchrun; the batch size stays the "
                     "global batch). For several machines run torchrun yourself: see the README.")] = 1,
+    set_values: Annotated[list[str] | None, typer.Option(
+        "--set", help="KEY=VALUE for any setting of the config (repeatable; values in YAML), e.g. --set "
+                      "hidden=[300,100] --set momentum=0.8. `synthprune list` names them.")] = None,
+    grow_option: Annotated[list[str] | None, typer.Option(
+        "--grow-option", help="KEY=VALUE option of the grow strategy (repeatable), e.g. --grow-option "
+                              "kappa_end=2; `synthprune list` shows each strategy's options.")] = None,
+    strategies: Annotated[list[str] | None, typer.Option(
+        "--strategies", help="Import this module first (a dotted name or a .py file): the strategies it "
+                             "registers become usable (docs/strategies.md). Repeatable.")] = None,
 ) -> None:
     """Train one model into a run directory.
 
@@ -148,18 +157,33 @@ def train(
         compress_scope=compress_scope, compress_start=compress_start, compress_end=compress_end,
         accuracy_guard=accuracy_guard, validation_split=validation_split, save_topology_every=save_topology_every,
     )
+    for source in strategies or []:
+        import_strategies(source)
+    extra = parse_assignments(set_values or [], "--set")
+    clash = sorted(k for k in extra if overrides.get(k) is not None)
+    if clash:
+        raise ValueError(f"--set {clash[0]} and --{clash[0].replace('_', '-')} both given: keep one")
+    options = parse_assignments(grow_option or [], "--grow-option")
+    if options:
+        extra["grow_options"] = {**(extra.get("grow_options") or {}), **options}
     if resume:
         given = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
+        given += [f"--set {k}" for k in parse_assignments(set_values or [], "--set")] + \
+            (["--grow-option"] if options else [])
         if given or config is not None:
             dropped = ", ".join(given) or "--config"
             raise ValueError(f"--resume continues with the run's saved config.yaml; drop {dropped}")
         if out is None:
             raise ValueError("--resume needs --out, the run directory to continue")
     try:
-        settings = load_config(preset, config, **overrides)
+        settings = load_config(preset, config, **extra, **{k: v for k, v in overrides.items() if v is not None})
     except ConfigError as exc:  # name the flag the bad value came from
         if exc.key is not None and overrides.get(exc.key) is not None:
             raise exc.named(f"--{exc.key.replace('_', '-')}") from None
+        if exc.key == "grow_options" and options:
+            raise exc.named("--grow-option") from None
+        if exc.key in extra:
+            raise exc.named(f"--set {exc.key}") from None
         raise
     if settings.compress_to is None:
         shaping = [f"--{k.replace('_', '-')}" for k in ("compress_scope", "compress_start", "compress_end")
@@ -170,11 +194,11 @@ def train(
         compressed = f"-c{settings.compress_to}" if settings.compress_to is not None else ""
         out = Path("runs") / f"{preset}-{settings.grow if settings.sparse else 'dense'}{compressed}-s{settings.seed}"
     if nproc > 1:
-        options = {"preset": preset, "config": config, **overrides, "out": out, "resume": resume, "quiet": quiet,
-                   "plots": plots}
+        arguments = {"preset": preset, "config": config, **overrides, "out": out, "resume": resume, "quiet": quiet,
+                     "plots": plots, "set": set_values, "grow_option": grow_option, "strategies": strategies}
         from synthprune.distributed import launch_local
 
-        raise typer.Exit(launch_local(nproc, ["train", *command_line(options)]))
+        raise typer.Exit(launch_local(nproc, ["train", *command_line(arguments)]))
     watch_parent()
     speaks = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 prints and plots
     quiet, plots = quiet or not speaks, plots and speaks
@@ -219,12 +243,15 @@ def watch_parent() -> None:
 
 def command_line(options: dict[str, object]) -> list[str]:
     """Typer options back into arguments: ``{"epochs": 3, "resume": True, "plots": False}`` ->
-    ``["--epochs", "3", "--resume", "--no-plots"]``; ``None`` and ``False`` flags are left out."""
+    ``["--epochs", "3", "--resume", "--no-plots"]``; ``None`` and ``False`` flags are left out,
+    a list repeats its flag."""
     args: list[str] = []
     for name, value in options.items():
         flag = "--" + name.replace("_", "-")
         if name == "plots":
             args += [] if value else ["--no-plots"]
+        elif isinstance(value, list):
+            args += [part for item in value for part in (flag, str(item))]
         elif value is True:
             args.append(flag)
         elif value is not None and value is not False:
@@ -324,6 +351,9 @@ def sweep(
     seeds: Annotated[str | None, typer.Option(help="Seeds, e.g. 0-4 or 0,1,2 (default 0).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs of every run.")] = None,
     jobs: Annotated[int | None, typer.Option(help="Runs at a time (default: the number of CPU cores).")] = None,
+    strategies: Annotated[list[str] | None, typer.Option(
+        "--strategies", help="Import this module first (a dotted name or a .py file), here and in every "
+                             "worker: the strategies it registers become usable. Repeatable.")] = None,
 ) -> None:
     """Run many trainings: a grid or a sweep file, one worker process per run.
 
@@ -331,6 +361,9 @@ def sweep(
     skipped and interrupted ones resumed, so re-running a sweep completes it; a failed run is
     reported and the others go on."""
     from synthprune.experiments import grid, load_spec, parse_list, parse_seeds, plan, run_sweep
+
+    for source in strategies or []:
+        import_strategies(source)
 
     common: dict = {}
     seed_list = None
@@ -363,7 +396,7 @@ def sweep(
         progress.advance(task)
 
     with progress if console.is_terminal else contextlib.nullcontext():
-        results = run_sweep(runs, out, jobs, on_done=done)
+        results = run_sweep(runs, out, jobs, on_done=done, strategies=strategies or [])
     failed = [r for r in results if r.status == "failed"]
     console.print(f"wrote {out}/sweep.csv and {out}/summary.md" + (f"; {len(failed)} run(s) failed" if failed else ""),
                   highlight=False)
@@ -523,8 +556,14 @@ def bench_tables(r: dict) -> list[Table]:
 
 
 @app.command(name="list")
-def list_things() -> None:
-    """Presets, datasets, backends and strategies (with their options)."""
+def list_things(
+    strategies: Annotated[list[str] | None, typer.Option(
+        "--strategies", help="Import this module first (a dotted name or a .py file) and list its strategies "
+                             "too. Repeatable.")] = None,
+) -> None:
+    """Presets, datasets, backends, strategies (with their options) and settings."""
+    for source in strategies or []:
+        import_strategies(source)
     strategies = list_strategies()
     console.print(f"presets:    {', '.join(PRESETS)}")
     console.print(f"datasets:   {', '.join(DATASETS)}")
@@ -533,6 +572,9 @@ def list_things() -> None:
     for name in strategies["grow"]:
         options = ", ".join(f"{k}={v!r}" for k, v in grow_options(name).items())
         console.print(f"grow:       {name}" + (f"  ({options})" if options else ""))
+    from synthprune.config import TrainConfig
+
+    console.print(f"settings:   {', '.join(TrainConfig().to_dict())}  (train --set KEY=VALUE, --config FILE)")
 
 
 def main(argv: list[str] | None = None) -> int:

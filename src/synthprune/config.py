@@ -14,18 +14,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from synthprune.compression import COMPRESS_SCOPES, parse_target
 from synthprune.data import DATASETS
 from synthprune.layers import BACKENDS, INITS
 from synthprune.models import ACTIVATIONS
 from synthprune.schedules import ZETA_SCHEDULES
-from synthprune.strategies import list_strategies
+from synthprune.strategies import grow_options, list_strategies
 
-__all__ = ["PRESETS", "TRAIN_BACKENDS", "ConfigError", "TrainConfig", "config_from_file", "load_config"]
+__all__ = [
+    "PRESETS", "TRAIN_BACKENDS", "ConfigError", "TrainConfig", "config_from_file", "load_config", "parse_assignments",
+]
 
 TRAIN_BACKENDS = (*BACKENDS, "dense")
 MAX_SEED = 2**32 - 1  # the data order seeds a generator with seed·100003 + epoch: keep it in 64 bits
+SYNTHESIS_FIELDS = ("endpoint", "kappa_start", "kappa_end")  # synthesis options with fields of their own
 
 
 class ConfigError(ValueError):
@@ -65,9 +69,10 @@ class TrainConfig:
     grow: str = "synthesis"  # grow strategy; none = static sparse
     zeta: float = 0.3  # fraction of connections rewired after each epoch
     zeta_schedule: str = "constant"  # constant | cosine
-    endpoint: str = "cdf"  # synthesis: endpoint rule, cdf | tail
+    endpoint: str = "cdf"  # synthesis: endpoint rule, cdf | tail (also grow_options: {endpoint: tail})
     kappa_start: float = 0.0  # synthesis: start nodes need strength z-score >= this
     kappa_end: float = 1.0  # synthesis (tail): endpoints need z-score >= this
+    grow_options: dict = field(default_factory=dict)  # options of the grow strategy, e.g. {temperature: 2}
     compress_to: float | int | None = None  # shrink the sparse layers to: < 1 a density, >= 1 a count
     compress_scope: str = "global"  # global (one total, shared in proportion) | layer (each layer)
     compress_start: int = 1  # the budget first shrinks after this epoch...
@@ -87,10 +92,13 @@ class TrainConfig:
     def sparse(self) -> bool:
         return self.backend != "dense"
 
-    def grow_options(self) -> dict:
+    def strategy_options(self) -> dict:
+        """The keyword options the grow strategy is called with: ``grow_options``, and for
+        synthesis its three settings with their own fields (kept for existing configs)."""
         if self.grow != "synthesis":
-            return {}
-        return {"endpoint": self.endpoint, "kappa_start": self.kappa_start, "kappa_end": self.kappa_end}
+            return dict(self.grow_options)
+        return {"endpoint": self.endpoint, "kappa_start": self.kappa_start, "kappa_end": self.kappa_end,
+                **self.grow_options}
 
     @property
     def compress_epochs(self) -> tuple[int, int]:
@@ -119,6 +127,11 @@ class TrainConfig:
         if unknown:
             raise ConfigError(None, f"unknown config key(s) {unknown}; valid: {', '.join(fields)}")
         typed = {name: _typed(name, str(fields[name].type), value) for name, value in values.items()}
+        options = dict(typed.get("grow_options") or {})
+        for alias in SYNTHESIS_FIELDS:  # grow_options: {endpoint: tail} is the field endpoint: tail
+            if alias in options:
+                typed[alias] = _typed(alias, str(fields[alias].type), options.pop(alias))
+        typed["grow_options"] = options
         return cls(**typed).validate()
 
     def validate(self) -> TrainConfig:
@@ -132,7 +145,9 @@ class TrainConfig:
         }
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
-                raise ConfigError(name, f"unknown {{key}} {getattr(self, name)!r}; valid: {', '.join(valid)}")
+                own = name in ("grow", "prune")
+                hint = " (a strategy of your own: load its module with --strategies)" if own else ""
+                raise ConfigError(name, f"unknown {{key}} {getattr(self, name)!r}; valid: {', '.join(valid)}{hint}")
         checks = [
             ("zeta", 0 < self.zeta < 1, "in (0, 1)"),
             ("epsilon", self.epsilon > 0, "> 0"),
@@ -158,6 +173,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ConfigError(name, f"must be a finite number, got {value!r}")
+        valid_options = grow_options(self.grow)
+        unknown = sorted(set(self.grow_options) - set(valid_options), key=str)
+        if unknown:
+            raise ConfigError("grow_options", f"{unknown} are not options of grow {self.grow!r}; valid: "
+                                              f"{', '.join(valid_options) or 'none'}")
         if self.dataset != "fashion-mnist" and self.data_dir is not None:
             raise ConfigError("data_dir", f"is for the fashion-mnist IDX files; dataset {self.dataset!r} is "
                                           "shipped with its package: drop it")
@@ -255,11 +275,34 @@ def _typed(name: str, kind: str, value: object) -> object:
         if not isinstance(value, list) or not all(_is_int(v) for v in value):
             raise ConfigError(name, f"must be a list of whole widths >= 1, e.g. [1000, 1000]; got {value!r}")
         return list(value)
+    if base == "dict":
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(name, f"must be a mapping of option names to values, got {value!r}")
+        if not all(v is None or isinstance(v, (bool, int, float, str)) for v in value.values()):
+            raise ConfigError(name, f"values must be numbers, strings or booleans, got {value!r}")
+        return dict(value)
     if base == "float | int":  # compress_to: checked by parse_target
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(name, f"must be a density below 1 or a connection count, got {value!r}")
         return value
     raise AssertionError(f"no type check for {name}: {kind}")  # a new field needs one here
+
+
+def parse_assignments(items: list[str], flag: str) -> dict[str, object]:
+    """``["hidden=[300, 100]", "lr=1e-3"]`` -> ``{"hidden": [300, 100], "lr": 0.001}``: each value
+    read as YAML (numbers, lists, true/false, strings); ``-`` in keys may be written for ``_``."""
+    result: dict[str, object] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"{flag} takes KEY=VALUE, got {item!r}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text  # not YAML: the text itself
+        result[key] = text if isinstance(value, str) else value
+    return result
 
 
 def load_config(preset: str | None = None, path: str | Path | None = None, **overrides) -> TrainConfig:
@@ -279,7 +322,10 @@ def load_config(preset: str | None = None, path: str | Path | None = None, **ove
             if exc.key is None or exc.key in loaded:
                 raise _in_file(exc, path) from None
         values.update(loaded)
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if isinstance(given.get("grow_options"), dict) and isinstance(values.get("grow_options"), dict):
+        given["grow_options"] = {**values["grow_options"], **given["grow_options"]}  # options add up
+    values.update(given)
     return TrainConfig.from_dict(values)
 
 

@@ -217,10 +217,11 @@ class _Workers:
     Ctrl-C reaches them all), stop themselves when the sweep dies (``PARENT_ENV``), and are
     stopped when the sweep is interrupted or terminated."""
 
-    def __init__(self) -> None:
+    def __init__(self, strategies: list[str] | None = None) -> None:
         self.live: set[subprocess.Popen] = set()
         self.lock = threading.Lock()
         self.stopping = False
+        self.strategies = [arg for source in strategies or [] for arg in ("--strategies", source)]
 
     def train(self, args: list[str], threads: int) -> tuple[int, str]:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
@@ -228,7 +229,8 @@ class _Workers:
         with self.lock:
             if self.stopping:
                 return 130, "interrupted"
-            process = subprocess.Popen([sys.executable, "-m", "synthprune", "train", *args, "--quiet", "--no-plots"],
+            process = subprocess.Popen([sys.executable, "-m", "synthprune", "train", *args, *self.strategies,
+                                        "--quiet", "--no-plots"],
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
             self.live.add(process)
         try:
@@ -259,10 +261,12 @@ def _terminate_as_interrupt(signum, frame) -> None:
 
 
 def run_sweep(runs: list[SweepRun], out: str | Path, jobs: int | None = None,
-              on_done: Callable[[RunResult, str], None] | None = None) -> list[RunResult]:
+              on_done: Callable[[RunResult, str], None] | None = None,
+              strategies: list[str] | None = None) -> list[RunResult]:
     """Run every run (``jobs`` at a time, default: the CPU count), then write ``sweep.csv``
     and ``summary.md`` into ``out``. A failed run is reported in its result, never raised.
-    One sweep writes ``out`` at a time (``out/.sweep.lock``)."""
+    One sweep writes ``out`` at a time (its ``.lock``). ``strategies``: modules every worker
+    imports first (``train --strategies``)."""
     out = Path(out)
     jobs = max(1, jobs or os.cpu_count() or 1)
     threads = max(1, (os.cpu_count() or 1) // jobs)  # workers share the cores, not oversubscribe
@@ -271,7 +275,7 @@ def run_sweep(runs: list[SweepRun], out: str | Path, jobs: int | None = None,
         specs = out / ".sweep"
         prepared = [(run, *_prepare(run, specs)) for run in runs]  # all checks before any work
         results: list[RunResult] = []
-        workers = _Workers()
+        workers = _Workers(strategies)
 
         def execute(run: SweepRun, args: list[str] | None, action: str) -> tuple[RunResult, str]:
             if args is None:

@@ -19,7 +19,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -32,11 +32,8 @@ from synthprune.models import sparse_layers
 from synthprune.schedules import ZETA_SCHEDULES, cubic_count, zeta_at
 from synthprune.strategies import (
     GrowContext,
-    get_grow,
+    get_grow_strategy,
     get_prune,
-    grow_options,
-    grown_share_at_top_decile,
-    needs_gradient,
 )
 from synthprune.topology import TopologyError, check_topology, place_growth, select_lowest
 
@@ -58,13 +55,20 @@ class LayerReport:
     pruned: int
     grown: int
     fallbacks: int  # grown connections that came from the uniform fallback
-    top_decile_share: float  # share of grown connections starting at top-decile-strength inputs
     connections: int
     density: float
     seconds: float
+    diagnostics: dict[str, float] = field(default_factory=dict)  # the grow strategy's own figures
+
+    @property
+    def top_decile_share(self) -> float:
+        """The built-in strategies' diagnostic (NaN for a strategy that does not report it)."""
+        return self.diagnostics.get("top_decile_share", float("nan"))
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """One flat record: the fields, then the strategy's diagnostics."""
+        record = asdict(self)
+        return {**{k: v for k, v in record.items() if k != "diagnostics"}, **self.diagnostics}
 
 
 class Rewirer:
@@ -124,8 +128,9 @@ class Rewirer:
         compress_end: int | None = None,
         **strategy_options,
     ) -> None:
-        self.prune_fn, self.grow_fn = get_prune(prune), get_grow(grow)
-        valid_options = grow_options(grow)
+        self.prune_fn, self.strategy = get_prune(prune), get_grow_strategy(grow)
+        self.grow_fn = self.strategy.fn
+        valid_options = self.strategy.options
         unknown = set(strategy_options) - set(valid_options)
         if unknown:
             raise ValueError(f"unknown option(s) {sorted(unknown)} for grow={grow!r}; "
@@ -214,9 +219,9 @@ class Rewirer:
         ``batch=(inputs, targets)`` is required by gradient-based growth and ignored otherwise.
         ``compress=False`` holds every layer's count this step (an accuracy guard's pause).
         """
-        if needs_gradient(self.grow) and batch is None:
+        if self.strategy.needs_gradient and batch is None:
             raise ValueError(f"grow={self.grow!r} needs a batch: call step(batch=(inputs, targets))")
-        signals = self._layer_signals(batch) if needs_gradient(self.grow) else {}
+        signals = self._layer_signals(batch) if self.strategy.needs_gradient else {}
         zeta = self.current_zeta()
         shrinking = self.targets(compress)
         targets = shrinking or [layer.nnz for _, layer in self.layers]
@@ -228,16 +233,16 @@ class Rewirer:
             start = time.perf_counter()
             inputs, grad_outputs = signals.get(name, (None, None))
             live = self._live_outputs(index)
-            pruned, grown, fallbacks, share = self._rewire_layer(
+            pruned, grown, fallbacks, diagnostics = self._rewire_layer(
                 layer, zeta, targets[index], self.generators[index], inputs, grad_outputs, live)
             report = LayerReport(
                 step=self.step_count, layer=name, zeta=zeta, target=targets[index], pruned=pruned, grown=grown,
-                fallbacks=fallbacks, top_decile_share=share, connections=layer.nnz,
-                density=layer.density, seconds=time.perf_counter() - start,
+                fallbacks=fallbacks, connections=layer.nnz, density=layer.density,
+                seconds=time.perf_counter() - start, diagnostics=diagnostics,
             )
-            logger.info("rewire step %d %s: -%d +%d (fallback %d, top-decile starts %.0f%%) -> %d (%.2f%%) in %.3fs",
-                        report.step, name, pruned, grown, fallbacks, 100 * share, report.connections,
-                        100 * report.density, report.seconds)
+            logger.info("rewire step %d %s: -%d +%d (fallback %d) -> %d (%.2f%%) in %.3fs %s", report.step, name,
+                        pruned, grown, fallbacks, report.connections, 100 * report.density, report.seconds,
+                        diagnostics)
             reports.insert(0, report)
         if shrinking is not None:
             self.shrink_steps_done += 1
@@ -264,7 +269,7 @@ class Rewirer:
         inputs: torch.Tensor | None,
         grad_outputs: torch.Tensor | None,
         live_outputs: torch.Tensor | None,
-    ) -> tuple[int, int, int, float]:
+    ) -> tuple[int, int, int, dict[str, float]]:
         n_in, n_out = layer.in_features, layer.out_features
         keys = layer.keys().cpu()
         values = layer.connection_values().detach().cpu()
@@ -273,7 +278,7 @@ class Rewirer:
         n_protected = int(protected.sum()) if protected is not None else 0
         # Prune ζ·k (none when static), at least enough to reach the target, and never a
         # protected connection; grow back the difference to the target.
-        n_prune = 0 if self.grow == "none" else round(zeta * keys.numel())
+        n_prune = 0 if self.strategy.static else round(zeta * keys.numel())
         n_prune = min(max(n_prune, keys.numel() - target), keys.numel() - n_protected)
         n_grow = target - (keys.numel() - n_prune)
 
@@ -307,7 +312,8 @@ class Rewirer:
         if protected is not None:
             _check_kept_inputs(layer, keys[protected] // n_in)
         layer.check()
-        return n_prune, n_grow, fallbacks, grown_share_at_top_decile(ctx, new_keys)
+        diagnostics = self.strategy.diagnostics(ctx, new_keys) if self.strategy.diagnostics else {}
+        return n_prune, n_grow, fallbacks, diagnostics
 
     def _new_values(self, count: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
         if self.new_weights == "zero":

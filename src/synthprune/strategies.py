@@ -9,8 +9,12 @@ Each strategy is a small function; none of them selects or checks anything itsel
   The shared primitive :func:`synthprune.topology.place_growth` skips existing connections and
   repeats, counts fallbacks and guarantees the exact count.
 
-Register new ones with :func:`register_prune` / :func:`register_grow`; the CLI lists them
-with :func:`list_strategies`.
+Register new ones with :func:`register_prune` / :func:`register_grow` (docs/strategies.md); a
+name is registered once (``replace=True`` to replace one on purpose). A grow strategy's record
+(:class:`GrowStrategy`) also holds its flags -- ``static`` (the Rewirer prunes and grows
+nothing outside compression), ``needs_gradient`` (``step(batch=...)`` required) -- and its
+``diagnostics``, the extra figures it adds to each layer report. The CLI lists them with
+:func:`list_strategies` and loads a user's module of strategies with ``--strategies``.
 """
 
 from __future__ import annotations
@@ -26,9 +30,12 @@ from synthprune.topology import Proposer, multinomial_with_replacement, normal_c
 
 __all__ = [
     "GrowContext",
+    "GrowStrategy",
     "get_grow",
+    "get_grow_strategy",
     "get_prune",
     "grow_options",
+    "import_strategies",
     "input_strength",
     "list_strategies",
     "output_strength",
@@ -38,10 +45,28 @@ __all__ = [
 
 PruneFn = Callable[[torch.Tensor], torch.Tensor]
 GrowFn = Callable[..., Proposer]
+Diagnostics = Callable[["GrowContext", torch.Tensor], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class GrowStrategy:
+    """A registered grow strategy: its function and what the Rewirer must know of it."""
+
+    name: str
+    fn: GrowFn
+    needs_gradient: bool = False  # proposes from |∂L/∂w|: step(batch=...) is required
+    static: bool = False  # the wiring stays as it is: nothing is pruned or grown outside compression
+    diagnostics: Diagnostics | None = None  # (context, grown keys) -> extra report figures
+
+    @property
+    def options(self) -> dict[str, object]:
+        """The strategy's options (its keyword-only parameters) with their defaults."""
+        params = inspect.signature(self.fn).parameters.values()
+        return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
 
 _PRUNE: dict[str, PruneFn] = {}
-_GROW: dict[str, GrowFn] = {}
-_NEEDS_GRADIENT: set[str] = set()
+_GROW: dict[str, GrowStrategy] = {}
 
 
 @dataclass
@@ -70,7 +95,18 @@ class GrowContext:
         self.cols = self.keys % self.n_in
 
 
-def register_prune(name: str) -> Callable[[PruneFn], PruneFn]:
+def _check_new(table: dict, kind: str, name: str, replace: bool) -> None:
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"a {kind} name must be a Python identifier, got {name!r}")
+    if name in table and not replace:
+        raise ValueError(f"{kind} {name!r} is already registered; pick another name, or pass replace=True "
+                         "to replace it on purpose")
+
+
+def register_prune(name: str, *, replace: bool = False) -> Callable[[PruneFn], PruneFn]:
+    """Register ``fn(values [nnz]) -> scores [nnz]`` (lowest pruned first) as ``name``."""
+    _check_new(_PRUNE, "prune criterion", name, replace)
+
     def wrap(fn: PruneFn) -> PruneFn:
         _PRUNE[name] = fn
         return fn
@@ -78,14 +114,15 @@ def register_prune(name: str) -> Callable[[PruneFn], PruneFn]:
     return wrap
 
 
-def register_grow(name: str, *, needs_gradient: bool = False) -> Callable[[GrowFn], GrowFn]:
-    """Register ``fn(ctx, count, **options) -> proposer``; its keyword-only parameters are the
-    strategy's options (validated by the Rewirer)."""
+def register_grow(name: str, *, needs_gradient: bool = False, static: bool = False,
+                  diagnostics: Diagnostics | None = None, replace: bool = False) -> Callable[[GrowFn], GrowFn]:
+    """Register ``fn(ctx, count, **options) -> proposer`` as ``name``; its keyword-only
+    parameters are the strategy's options (validated by the Rewirer and the config). See
+    :class:`GrowStrategy` for the flags."""
+    _check_new(_GROW, "grow strategy", name, replace)
 
     def wrap(fn: GrowFn) -> GrowFn:
-        _GROW[name] = fn
-        if needs_gradient:
-            _NEEDS_GRADIENT.add(name)
+        _GROW[name] = GrowStrategy(name, fn, needs_gradient, static, diagnostics)
         return fn
 
     return wrap
@@ -101,18 +138,50 @@ def get_prune(name: str) -> PruneFn:
     return _lookup(_PRUNE, "prune criterion", name)
 
 
-def get_grow(name: str) -> GrowFn:
+def get_grow_strategy(name: str) -> GrowStrategy:
     return _lookup(_GROW, "grow strategy", name)
 
 
+def get_grow(name: str) -> GrowFn:
+    return get_grow_strategy(name).fn
+
+
 def needs_gradient(name: str) -> bool:
-    return name in _NEEDS_GRADIENT
+    return get_grow_strategy(name).needs_gradient
 
 
 def grow_options(name: str) -> dict[str, object]:
     """The options a grow strategy takes, with their defaults."""
-    params = inspect.signature(get_grow(name)).parameters.values()
-    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return get_grow_strategy(name).options
+
+
+def import_strategies(source: str) -> None:
+    """Import a user's module that registers strategies: a dotted module name (importable from
+    the current folder or ``sys.path``) or the path of a ``.py`` file."""
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    is_file = source.endswith(".py") or "/" in source
+    if is_file and not Path(source).is_file():
+        raise ValueError(f"--strategies {source}: no such file")
+    try:
+        if is_file:
+            path = Path(source)
+            name = f"synthprune_user_{path.stem}"
+            if name in sys.modules:
+                return
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path and "." not in sys.path:
+                sys.path.insert(0, "")  # a module in the current folder, as `python -m` would find it
+            importlib.import_module(source)
+    except Exception as exc:  # a user's module can raise anything on import: one line naming it
+        raise ValueError(f"--strategies {source}: cannot import it ({exc.__class__.__name__}: {exc})") from None
 
 
 def list_strategies() -> dict[str, list[str]]:
@@ -166,20 +235,26 @@ def _sign_then_magnitude_order(values: torch.Tensor, positive: torch.Tensor, neg
 # --------------------------------------------------------------------------- grow strategies
 
 
-@register_grow("none")
+def top_decile_diagnostics(ctx: GrowContext, new_keys: torch.Tensor) -> dict[str, float]:
+    """``top_decile_share``: the share of grown connections starting at a top-decile-strength
+    input (≈0.1 for uniform growth; what synthesis is meant to raise)."""
+    return {"top_decile_share": grown_share_at_top_decile(ctx, new_keys)}
+
+
+@register_grow("none", static=True)
 def grow_none(ctx: GrowContext, count: int) -> Proposer:
     """Static sparse: the Rewirer prunes and grows nothing (``count`` is always 0)."""
     return lambda n, generator: torch.empty(0, dtype=torch.long)
 
 
-@register_grow("random")
+@register_grow("random", diagnostics=top_decile_diagnostics)
 def grow_random(ctx: GrowContext, count: int) -> Proposer:
     """SET: uniform over the empty slots."""
     n_slots = ctx.n_in * ctx.n_out
     return lambda n, generator: torch.randint(0, n_slots, (n,), generator=generator)
 
 
-@register_grow("gradient", needs_gradient=True)
+@register_grow("gradient", needs_gradient=True, diagnostics=top_decile_diagnostics)
 def grow_gradient(ctx: GrowContext, count: int) -> Proposer:
     """RigL: the empty slots with the largest ``|∂L/∂w|`` on the given batch, best first."""
     if ctx.inputs is None or ctx.grad_outputs is None:
@@ -210,7 +285,7 @@ def _free_in_block(ctx: GrowContext, starts: torch.Tensor, ends: torch.Tensor) -
     return int(starts.sum()) * int(ends.sum()) - occupied
 
 
-@register_grow("synthesis")
+@register_grow("synthesis", diagnostics=top_decile_diagnostics)
 def grow_synthesis(
     ctx: GrowContext,
     count: int,

@@ -199,6 +199,7 @@ def _restore(state: dict, config: TrainConfig, model: nn.Module, optimizer: torc
         raise FileFormatError(path, f"is not a synthprune checkpoint (no {', '.join(missing)})", START_AGAIN)
     saved = state.get("config")
     if isinstance(saved, dict):
+        saved = {**TrainConfig().to_dict(), **saved}  # a checkpoint from before a setting existed had its default
         differ = sorted(k for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
         if differ:
             raise FileFormatError(path.with_name("config.yaml"), f"{', '.join(differ)} differ(s) from the run "
@@ -340,4 +341,4 @@ def build_rewirer(config: TrainConfig, model: nn.Module, optimizer: torch.optim.
                        "compress_start": first - 1, "compress_end": last - 1}
     return Rewirer(model, optimizer, prune=config.prune, grow=config.grow, zeta=config.zeta,
                    zeta_schedule=config.zeta_schedule, total_steps=max(1, config.epochs - 1), seed=config.seed,
-                   **compression, **config.grow_options())
+                   **compression, **config.strategy_options())
