@@ -34,7 +34,8 @@ from synthprune.models import sparse_layers
 
 __all__ = [
     "SINGLE", "Ranks", "SynchronizationError", "all_max", "all_sum", "any_rank", "check_synchronized", "device_for",
-    "gather", "launch_local", "leave", "on_main", "shard", "shared_error", "start", "stop", "synchronized_digests",
+    "gather", "launch_local", "leave", "on_main", "seed_rank", "shard", "shared_error", "start", "stop",
+    "synchronized_digests",
     "unwrap", "wrap",
 ]
 
@@ -211,6 +212,13 @@ def gather(value: T, ranks: Ranks) -> list[T]:
     values: list = [None] * ranks.world_size
     dist.all_gather_object(values, value)
     return values
+
+
+def seed_rank(seed: int, ranks: Ranks) -> None:
+    """Give each rank of a data-parallel run its own random stream (dropout masks); one
+    process keeps the stream ``torch.manual_seed(seed)`` started."""
+    if ranks.distributed:
+        torch.manual_seed(seed + 1_000_003 * ranks.rank)
 
 
 def on_main(ranks: Ranks, work: Callable[[], T]) -> T:

@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -84,109 +85,161 @@ def fit(
     return summary
 
 
+@dataclass
+class Splits:
+    """The data on the training device: ``x_*`` ``[N, features]``, ``y_*`` ``[N]``; the
+    validation split is held out of the training set (empty without one)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    n_classes: int  # the dataset's, not the labels' at hand
+
+
+@dataclass
+class Session:
+    """What one training run holds while it runs (built by :func:`_prepare`)."""
+
+    config: TrainConfig
+    run: RunDir
+    ranks: Ranks
+    device: torch.device
+    data: Splits
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    rewirer: Rewirer | None
+    net: nn.Module  # what training calls: the model, or its DDP wrapper
+    metrics: list[dict] = field(default_factory=list)  # one row per epoch done
+    topology: list[dict] = field(default_factory=list)  # one record per rewiring step and layer
+    start_epoch: int = 0
+
+
 def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: Callable[[int, int], object] | None,
          log: Callable[[str], None], ranks: Ranks) -> dict:
+    session = _prepare(config, run, resume, log, ranks)
+    config = session.config  # on resume: the run's own
+    for epoch in range(session.start_epoch, config.epochs):
+        row = _epoch(session, epoch, progress, log)
+        _record(session, epoch, row)
+        log(_epoch_line(config, row))
+    summary = summarize(session.metrics, session.model)
+    if ranks.is_main:
+        write_final(run, config, session.model, summary)
+    return summary
+
+
+def _prepare(config: TrainConfig, run: RunDir, resume: bool, log: Callable[[str], None], ranks: Ranks) -> Session:
+    """Data, model, optimizer and rewirer; then the run directory (locked) and, on resume, the
+    checkpoint. A refused config leaves no run behind: the folder is touched last."""
     if resume:
         config = distributed.on_main(ranks, lambda: config_from_file(run.read_config(), run.config))
     device = distributed.device_for(config.device, ranks)
     torch.manual_seed(config.seed)
+    data = _splits(config, device)
+    model = build_model(config, data.x_train.shape[1], data.n_classes).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    rewirer = build_rewirer(config, model, optimizer)  # refuses an infeasible compress_to
+    action = distributed.on_main(ranks, lambda: run.prepare(config.to_dict(), resume))
+    session = Session(config, run, ranks, device, data, model, optimizer, rewirer, net=model)
+    if action == "restart":
+        log(f"{run.root} held a run that had not finished an epoch (no checkpoint.pt): starting it again "
+            f"from epoch 1" + (" with its config.yaml" if resume else ""))
+    if action == "resume":
+        state = distributed.on_main(ranks, lambda: run.load_checkpoint("cpu"))
+        session.metrics, session.topology, session.start_epoch = _restore(state, config, model, optimizer, rewirer,
+                                                                          run.checkpoint)
+        _restore_rng(state["rng"], device, ranks, log)
+        log(f"resuming {run.root} after epoch {session.start_epoch}")
+    else:
+        distributed.seed_rank(config.seed, ranks)  # each rank its own dropout masks
+    if ranks.distributed:
+        distributed.check_synchronized(model, optimizer, ranks, "before training")
+        log(f"data-parallel on {ranks.world_size} processes: each trains on 1/{ranks.world_size} "
+            f"of every batch of {config.batch_size}")
+    session.net = distributed.wrap(model, ranks, device)
+    if config.save_topology_every and config.sparse and session.start_epoch == 0 and ranks.is_main:
+        save_snapshot(model, run.snapshot(0), epoch=0)
+    return session
+
+
+def _splits(config: TrainConfig, device: torch.device) -> Splits:
     data = load_dataset(config.dataset, config.data_dir, config.limit_train)
     x_train, y_train = data.x_train, data.y_train
     train_index, val_index = split_validation(len(y_train), config.validation_fraction, config.seed)
     x_val, y_val = x_train[val_index].to(device), y_train[val_index].to(device)
     if len(val_index):
         x_train, y_train = x_train[train_index], y_train[train_index]
-    x_train, y_train = x_train.to(device), y_train.to(device)
-    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
-    model = build_model(config, data.n_features, data.n_classes).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    rewirer = build_rewirer(config, model, optimizer)  # refuses an infeasible compress_to
-    # Only now: a refused config leaves no run behind. From here rank 0 holds the folder's lock.
-    action = distributed.on_main(ranks, lambda: run.prepare(config.to_dict(), resume))
-    metrics: list[dict] = []
-    topology: list[dict] = []
-    start_epoch = 0
-    if action == "restart":
-        log(f"{run.root} held a run that had not finished an epoch (no checkpoint.pt): starting it again "
-            f"from epoch 1" + (" with its config.yaml" if resume else ""))
-    if action == "resume":
-        state = distributed.on_main(ranks, lambda: run.load_checkpoint("cpu"))
-        metrics, topology, start_epoch = _restore(state, config, model, optimizer, rewirer, run.checkpoint)
-        _restore_rng(state["rng"], device, ranks, log)
-        log(f"resuming {run.root} after epoch {start_epoch}")
-    elif ranks.distributed:
-        torch.manual_seed(config.seed + 1_000_003 * ranks.rank)  # each rank its own dropout masks
-    if ranks.distributed:
-        distributed.check_synchronized(model, optimizer, ranks, "before training")
-        log(f"data-parallel on {ranks.world_size} processes: each trains on 1/{ranks.world_size} "
-            f"of every batch of {config.batch_size}")
-    net = distributed.wrap(model, ranks, device)
+    return Splits(x_train.to(device), y_train.to(device), x_val, y_val, data.x_test.to(device),
+                  data.y_test.to(device), data.n_classes)
 
-    if config.save_topology_every and config.sparse and start_epoch == 0 and ranks.is_main:
-        save_snapshot(model, run.snapshot(0), epoch=0)
-    n_train = len(y_train)
-    batches = math.ceil(n_train / config.batch_size)
-    for epoch in range(start_epoch, config.epochs):
+
+def _epoch(s: Session, epoch: int, progress: Callable[[int, int], object] | None,
+           log: Callable[[str], None]) -> dict:
+    """Train one epoch, evaluate, snapshot and rewire; returns the epoch's ``metrics.csv`` row."""
+    config, data, ranks = s.config, s.data, s.ranks
+    started = time.perf_counter()
+    s.model.train()
+    n_train = len(data.y_train)
+    # The data order depends only on (seed, epoch), so a resumed run sees the same batches.
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+    with progress(math.ceil(n_train / config.batch_size), epoch) if progress else nullcontext() as bar:
+        loss_sum, correct, batch = _train_epoch(s.net, s.optimizer, data.x_train, data.y_train, order, config,
+                                                ranks, bar, epoch, s.run.checkpoint)
+    loss_sum, correct = distributed.all_sum([loss_sum, correct], ranks, s.device)
+    train_seconds = distributed.all_max([time.perf_counter() - started], ranks, s.device)[0]
+    test_accuracy = evaluate(s.model, data.x_test, data.y_test, ranks=ranks)
+    validation = ({"validation_accuracy": evaluate(s.model, data.x_val, data.y_val, ranks=ranks)}
+                  if len(data.y_val) else {})
+    per_layer, live = connections(s.model), live_neurons(s.model)
+    guard = accuracy_guard(config.accuracy_guard, s.metrics, validation, log)
+    if config.save_topology_every and config.sparse and ranks.is_main and (
+            (epoch + 1) % config.save_topology_every == 0 or epoch == config.epochs - 1):
+        save_snapshot(s.model, s.run.snapshot(epoch + 1), epoch=epoch + 1)  # the wiring this epoch trained
+    rewire_seconds = 0.0
+    if s.rewirer is not None and epoch < config.epochs - 1:  # no rewiring after the last epoch
         started = time.perf_counter()
-        model.train()
-        # The data order depends only on (seed, epoch), so a resumed run sees the same batches.
-        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
-        with progress(batches, epoch) if progress else nullcontext() as bar:
-            loss_sum, correct, batch = _train_epoch(net, optimizer, x_train, y_train, order, config, ranks, bar,
-                                                    epoch, run.checkpoint)
-        loss_sum, correct = distributed.all_sum([loss_sum, correct], ranks, device)
-        train_seconds = distributed.all_max([time.perf_counter() - started], ranks, device)[0]
-        test_accuracy = evaluate(model, x_test, y_test, ranks=ranks)
-        validation = {"validation_accuracy": evaluate(model, x_val, y_val, ranks=ranks)} if len(y_val) else {}
-        per_layer = connections(model)
-        live = live_neurons(model)
+        last = batch.to(s.device)
+        s.net, reports = _rewire(s.rewirer, s.net, (data.x_train[last], data.y_train[last]),
+                                 not guard.get("compression_paused", 0), ranks, f"after rewiring step {epoch + 1}")
+        rewire_seconds = time.perf_counter() - started
+        s.topology += [{"epoch": epoch + 1, **r.as_dict()} for r in reports]
+    return {
+        "epoch": epoch + 1,
+        "train_loss": loss_sum / n_train,
+        "train_accuracy": correct / n_train,  # running accuracy over the epoch (dropout on)
+        "test_accuracy": test_accuracy,
+        **validation,
+        **guard,
+        "connections": sum(per_layer.values()),
+        **{f"connections_{name}": count for name, count in per_layer.items()},
+        **{f"live_{i + 1}": count for i, count in enumerate(live)},
+        "epoch_seconds": train_seconds,
+        "rewire_seconds": rewire_seconds,
+    }
 
-        guard = accuracy_guard(config.accuracy_guard, metrics, validation, log)
-        if config.save_topology_every and config.sparse and ranks.is_main and (
-                (epoch + 1) % config.save_topology_every == 0 or epoch == config.epochs - 1):
-            save_snapshot(model, run.snapshot(epoch + 1), epoch=epoch + 1)  # the wiring this epoch trained
-        rewire_seconds = 0.0
-        if rewirer is not None and epoch < config.epochs - 1:  # no rewiring after the last epoch
-            started = time.perf_counter()
-            last = batch.to(device)
-            last_batch = (x_train[last], y_train[last])
-            net, reports = _rewire(rewirer, net, last_batch, not guard.get("compression_paused", 0), ranks,
-                                   f"after rewiring step {epoch + 1}")
-            rewire_seconds = time.perf_counter() - started
-            topology += [{"epoch": epoch + 1, **r.as_dict()} for r in reports]
 
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / n_train,
-            "train_accuracy": correct / n_train,  # running accuracy over the epoch (dropout on)
-            "test_accuracy": test_accuracy,
-            **validation,
-            **guard,
-            "connections": sum(per_layer.values()),
-            **{f"connections_{name}": count for name, count in per_layer.items()},
-            **{f"live_{i + 1}": count for i, count in enumerate(live)},
-            "epoch_seconds": train_seconds,
-            "rewire_seconds": rewire_seconds,
-        }
-        metrics.append(row)
-        rng = _rng_state(device, ranks)
-        if ranks.is_main:
-            run.write_records(metrics, topology)
-            run.save_checkpoint({
-                "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "rewirer": rewirer.state_dict() if rewirer else None, "rng": rng,
-                "metrics": metrics, "topology": topology, "config": config.to_dict(),
-            })
-        val = f"val {100 * validation['validation_accuracy']:.2f}%  " if validation else ""
-        log(f"epoch {epoch + 1}/{config.epochs}  loss {row['train_loss']:.4f}  "
-            f"train {100 * row['train_accuracy']:.2f}%  {val}test {100 * test_accuracy:.2f}%  "
-            f"connections {row['connections']:,}  {train_seconds:.1f}s (rewire {rewire_seconds:.2f}s)")
+def _record(s: Session, epoch: int, row: dict) -> None:
+    """Append the row; rank 0 writes the records and the checkpoint (every rank's RNG state)."""
+    s.metrics.append(row)
+    rng = _rng_state(s.device, s.ranks)
+    if s.ranks.is_main:
+        s.run.write_records(s.metrics, s.topology)
+        s.run.save_checkpoint({
+            "epoch": epoch + 1, "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
+            "rewirer": s.rewirer.state_dict() if s.rewirer else None, "rng": rng,
+            "metrics": s.metrics, "topology": s.topology, "config": s.config.to_dict(),
+        })
 
-    summary = summarize(metrics, model)
-    if ranks.is_main:
-        write_final(run, config, model, summary)
-    return summary
+
+def _epoch_line(config: TrainConfig, row: dict) -> str:
+    val = f"val {100 * row['validation_accuracy']:.2f}%  " if "validation_accuracy" in row else ""
+    return (f"epoch {row['epoch']}/{config.epochs}  loss {row['train_loss']:.4f}  "
+            f"train {100 * row['train_accuracy']:.2f}%  {val}test {100 * row['test_accuracy']:.2f}%  "
+            f"connections {row['connections']:,}  {row['epoch_seconds']:.1f}s (rewire {row['rewire_seconds']:.2f}s)")
 
 
 def _restore(state: dict, config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
