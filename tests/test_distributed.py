@@ -89,6 +89,7 @@ def test_nproc_is_refused_inside_torchrun(monkeypatch, capsys):
     assert "under torchrun leave it out" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # several real processes: runs in CI, skip locally with -m 'not slow'
 def test_replicas_hold_the_same_model_after_every_rewiring_step(tmp_path):
     result = torchrun(str(TESTS / "ddp_worker.py"), str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -114,6 +115,7 @@ def two_process_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # several real processes: runs in CI, skip locally with -m 'not slow'
 def test_two_processes_match_one_with_the_same_global_batch(two_process_run, tmp_path):
     # digits-mlp has no dropout, so the only difference is the order of float sums in the
     # gradient all-reduce: per-epoch loss within 1e-5 (relative), accuracies within 1 point.
@@ -127,6 +129,7 @@ def test_two_processes_match_one_with_the_same_global_batch(two_process_run, tmp
         assert b["connections"] == a["connections"]  # the same compression schedule
 
 
+@pytest.mark.slow  # several real processes: runs in CI, skip locally with -m 'not slow'
 def test_an_interrupted_two_process_run_resumes_exactly(two_process_run, tmp_path):
     # With the accuracy guard: validation is sharded too, and every rank must pause alike.
     guarded = [*RUN_ARGS, "--epochs", "12", "--accuracy-guard", "0.5", "--nproc", "2"]
@@ -156,6 +159,7 @@ def test_an_interrupted_two_process_run_resumes_exactly(two_process_run, tmp_pat
     assert "validation_accuracy" in rows(whole)[0] and "compression_paused" in rows(whole)[0]
 
 
+@pytest.mark.slow  # several real processes: runs in CI, skip locally with -m 'not slow'
 def test_a_refused_run_prints_one_error_not_one_per_process(two_process_run):
     result = synthprune("train", *RUN_ARGS, "--nproc", "2", "--out", str(two_process_run))
     assert result.returncode == 2
@@ -163,6 +167,7 @@ def test_a_refused_run_prints_one_error_not_one_per_process(two_process_run):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # several real processes: runs in CI, skip locally with -m 'not slow'
 def test_a_nan_loss_on_any_rank_stops_every_rank_with_one_error(tmp_path):
     result = synthprune("train", *RUN_ARGS, "--lr", "1e6", "--nproc", "2", "--out", str(tmp_path / "nan"))
     assert result.returncode == 1, result.stderr[-3000:]
@@ -170,6 +175,7 @@ def test_a_nan_loss_on_any_rank_stops_every_rank_with_one_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # several real processes: runs in CI, skip locally with -m 'not slow'
 def test_a_last_batch_of_one_leaves_a_rank_an_empty_shard_and_still_matches_one_process(tmp_path):
     # 321 = 10 batches of 32 + 1: in the last batch rank 1 has no example at all. Its loss must
     # not read as NaN (the mean of nothing), and its zero gradient still joins the all-reduce.
