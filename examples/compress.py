@@ -11,7 +11,7 @@ y = x[:, :8].argmax(1)  # only the first 8 of the 64 features matter
 model = synthprune.SparseMLP([64, 256, 256, 8], epsilon=10, seed=0)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 rewirer = synthprune.Rewirer(model, optimizer, grow="synthesis", seed=0,
-                             compress_to=0.01, compress_end=9)  # 1% of the weights after step 9
+                             compress_to=0.01, compress_end_step=9)  # 1% of the weights after step 9
 for _ in range(12):
     for xb, yb in zip(x_train.split(64), y_train.split(64), strict=True):
         optimizer.zero_grad()

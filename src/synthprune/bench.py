@@ -148,7 +148,7 @@ def bench_inference(s: BenchSettings, log: Callable[[str], None]) -> dict:
     dense, sparse = _mlp(s.sizes, "dense", None).eval(), _mlp(s.sizes, "csr", 20.0).eval()
     compressed = _mlp(s.sizes, "csr", 20.0)
     optimizer = torch.optim.SGD(compressed.parameters(), lr=0.0)  # stateless: the compression step only
-    Rewirer(compressed, optimizer, grow="none", prune="magnitude", compress_to=0.01, compress_end=0).step()
+    Rewirer(compressed, optimizer, grow="none", prune="magnitude", compress_to=0.01, compress_end_step=0).step()
     residual, summary = residual_network(compressed.eval())
     models = {"dense": dense, "csr": sparse, "residual": residual}
     result = {"connections": {"dense": _connections(dense), "csr": _connections(sparse),

@@ -191,8 +191,9 @@ def train(
         if shaping:
             raise ValueError(f"{shaping[0]} shapes compression, which is off: add --compress-to, or drop it")
     if out is None:
-        compressed = f"-c{settings.compress_to}" if settings.compress_to is not None else ""
-        out = Path("runs") / f"{preset}-{settings.grow if settings.sparse else 'dense'}{compressed}-s{settings.seed}"
+        from synthprune.runs import configuration_name, run_name
+
+        out = Path("runs") / run_name(configuration_name(settings, preset), settings.seed)
     if nproc > 1:
         arguments = {"preset": preset, "config": config, **overrides, "out": out, "resume": resume, "quiet": quiet,
                      "plots": plots, "set": set_values, "grow_option": grow_option, "strategies": strategies}

@@ -30,6 +30,7 @@ import yaml
 from synthprune.config import TrainConfig, load_config
 from synthprune.files import FolderLock, atomic_write, clean_temporaries, read_yaml
 from synthprune.rundir import RunDir
+from synthprune.runs import run_name
 
 __all__ = [
     "RunResult", "SweepRun", "grid", "load_spec", "mean_std", "parse_list", "parse_seeds", "plan", "run_sweep",
@@ -50,7 +51,7 @@ class SweepRun:
 
     @property
     def label(self) -> str:
-        return f"{self.name}-s{self.seed}"
+        return run_name(self.name, self.seed)
 
 
 @dataclass
@@ -177,7 +178,7 @@ def plan(configs: dict[str, dict], seeds: list[int], out: str | Path, preset: st
                 config = load_config(preset, None, **values)
             except ValueError as exc:
                 raise ValueError(f"configuration {name!r}: {exc}") from None
-            target = Path(out) / f"{name}-s{seed}"
+            target = Path(out) / run_name(name, seed)
             if target.resolve().parent != root:  # e.g. through a symbolic link: never write outside --out
                 raise ValueError(f"configuration {name!r}: its run folder {target} resolves outside --out {out}")
             runs.append(SweepRun(name, seed, config, target))

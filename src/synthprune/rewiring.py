@@ -29,7 +29,7 @@ from torch import nn
 from synthprune.compression import COMPRESS_SCOPES, LayerShape, final_counts
 from synthprune.layers import SparseLinear
 from synthprune.models import sparse_layers
-from synthprune.schedules import ZETA_SCHEDULES, cubic_count, zeta_at
+from synthprune.schedules import CompressionPlan, ZetaSchedule
 from synthprune.strategies import (
     GrowContext,
     get_grow_strategy,
@@ -92,10 +92,13 @@ class Rewirer:
             ``{name: density or count}`` (see :mod:`synthprune.compression`). ``None``: the
             budget stays constant. Infeasible targets raise ``ValueError`` here.
         compress_scope: ``"global"`` (one total over all sparse layers) or ``"layer"``.
-        compress_start, compress_end: first and last rewiring step (0-based, inclusive) of the
-            cubic schedule; ``compress_end`` defaults to ``total_steps - 1``. A step called with
-            ``compress=False`` (an accuracy guard) holds the count and does not advance the
-            schedule, so a paused run reaches the target later.
+        compress_start_step, compress_end_step: first and last *rewiring step* (0-based,
+            inclusive) of the cubic schedule (:class:`~synthprune.schedules.CompressionPlan`);
+            the end defaults to ``total_steps - 1``. ``compress_start`` / ``compress_end`` are
+            the older spelling. (The config's ``compress_start``/``compress_end`` are *epochs*:
+            epoch e's rewiring step is e - 1.) A step called with ``compress=False`` (an
+            accuracy guard) holds the count and does not advance the schedule, so a paused run
+            reaches the target later.
         **strategy_options: options of the grow strategy (e.g. ``endpoint="tail"`` for
             synthesis; :func:`synthprune.strategies.grow_options` lists them).
 
@@ -124,7 +127,9 @@ class Rewirer:
         max_rounds: int = 8,
         compress_to: float | int | str | dict | None = None,
         compress_scope: str = "global",
-        compress_start: int = 0,
+        compress_start_step: int | None = None,
+        compress_end_step: int | None = None,
+        compress_start: int | None = None,
         compress_end: int | None = None,
         **strategy_options,
     ) -> None:
@@ -135,11 +140,7 @@ class Rewirer:
         if unknown:
             raise ValueError(f"unknown option(s) {sorted(unknown)} for grow={grow!r}; "
                              f"valid: {sorted(valid_options) or 'none'}")
-        if not 0 < zeta < 1:
-            raise ValueError(f"zeta must be in (0, 1), got {zeta!r}")
-        if zeta_schedule not in ZETA_SCHEDULES:
-            raise ValueError(f"unknown zeta_schedule {zeta_schedule!r}; valid: {', '.join(ZETA_SCHEDULES)}")
-        zeta_at(0, zeta, zeta_schedule, total_steps)  # validates total_steps for cosine
+        self.schedule = ZetaSchedule(zeta, zeta_schedule, total_steps)
         if new_weights not in NEW_WEIGHTS:
             raise ValueError(f"unknown new_weights {new_weights!r}; valid: {', '.join(NEW_WEIGHTS)}")
         if max_rounds < 0:
@@ -156,7 +157,9 @@ class Rewirer:
         self.max_rounds = max_rounds
         self.strategy_options = strategy_options
         self.step_count = 0
-        self._set_up_compression(compress_to, compress_scope, compress_start, compress_end)
+        self._set_up_compression(compress_to, compress_scope, _one_of("compress_start", compress_start_step,
+                                                                      compress_start, default=0),
+                                 _one_of("compress_end", compress_end_step, compress_end, default=None))
         # One independent stream per layer (SeedSequence spawning): adding a layer or a
         # strategy that draws more numbers in one layer never shifts another layer's stream.
         states = np.random.SeedSequence(seed).spawn(len(self.layers))
@@ -175,40 +178,42 @@ class Rewirer:
 
     def _set_up_compression(self, compress_to, scope: str, start: int, end: int | None) -> None:
         self.compress_to, self.compress_scope = compress_to, scope
-        self.initial_counts = [layer.nnz for _, layer in self.layers]
-        self.final_counts = list(self.initial_counts)
-        self.shrink_steps_done = 0
-        self.compress_start = self.compress_end = 0
+        self.plan: CompressionPlan | None = None
         if compress_to is None:
             return
         if scope not in COMPRESS_SCOPES:
             raise ValueError(f"unknown compress_scope {scope!r}; valid: {', '.join(COMPRESS_SCOPES)}")
         if end is None:
             if not self.total_steps:
-                raise ValueError("compress_to needs compress_end (the last shrinking step) or total_steps")
+                raise ValueError("compress_to needs compress_end_step (the last shrinking step) or total_steps")
             end = self.total_steps - 1
-        if not 0 <= start <= end:
-            raise ValueError(f"compression steps must satisfy 0 <= compress_start <= compress_end, got {start}, {end}")
         shapes = [LayerShape(name, layer.in_features, layer.out_features, layer.nnz) for name, layer in self.layers]
-        self.final_counts = final_counts(shapes, compress_to, scope)
-        self.compress_start, self.compress_end = start, end
+        self.plan = CompressionPlan([s.count for s in shapes], final_counts(shapes, compress_to, scope), start, end)
         self._successors = _successors(self.model, [layer for _, layer in self.layers])
 
     @property
     def compressing(self) -> bool:
-        return self.compress_to is not None
+        return self.plan is not None
+
+    # Read-only views of the plan, for reports and tests.
+    initial_counts = property(lambda self: self.plan.initial_counts if self.plan else self._counts())
+    final_counts = property(lambda self: self.plan.final_counts if self.plan else self._counts())
+    shrink_steps_done = property(lambda self: self.plan.steps_done if self.plan else 0)
+    compress_start = property(lambda self: self.plan.start_step if self.plan else 0)  # a rewiring step
+    compress_end = property(lambda self: self.plan.end_step if self.plan else 0)  # a rewiring step
+
+    def _counts(self) -> list[int]:
+        return [layer.nnz for _, layer in self.layers]
 
     def current_zeta(self) -> float:
-        return zeta_at(self.step_count, self.zeta, self.zeta_schedule, self.total_steps)
+        return self.schedule.at(self.step_count)
 
     def targets(self, compress: bool = True) -> list[int] | None:
         """Each layer's connection count after the next step, or ``None`` for "keep the current
-        count" (no compression, before ``compress_start``, or ``compress=False``)."""
-        if not (self.compressing and compress and self.step_count >= self.compress_start):
+        count" (no compression, before the plan's first step, or ``compress=False``)."""
+        if self.plan is None or not compress:
             return None
-        steps = self.compress_end - self.compress_start + 1
-        return [cubic_count(initial, final, self.shrink_steps_done + 1, steps)
-                for initial, final in zip(self.initial_counts, self.final_counts, strict=True)]
+        return self.plan.targets(self.step_count)
 
     @torch.no_grad()
     def step(
@@ -245,7 +250,7 @@ class Rewirer:
                         diagnostics)
             reports.insert(0, report)
         if shrinking is not None:
-            self.shrink_steps_done += 1
+            self.plan.advance()
         self.step_count += 1
         return reports
 
@@ -367,8 +372,8 @@ class Rewirer:
             "step_count": self.step_count,
             "generators": [g.get_state() for g in self.generators],
             "settings": self._settings(),
-            "compression": {"initial_counts": self.initial_counts, "final_counts": self.final_counts,
-                            "shrink_steps_done": self.shrink_steps_done},
+            "compression": self.plan.state_dict() if self.plan else
+            {"initial_counts": self._counts(), "final_counts": self._counts(), "shrink_steps_done": 0},
         }
 
     def _settings(self) -> dict:
@@ -386,12 +391,16 @@ class Rewirer:
         for generator, g_state in zip(self.generators, state["generators"], strict=True):
             generator.set_state(g_state)
         self.step_count = int(state["step_count"])
-        if "compression" in state:
+        if "compression" in state and self.plan is not None:
             # The counts compression started from, not those of the model as (re)built.
-            compression = state["compression"]
-            self.initial_counts = [int(c) for c in compression["initial_counts"]]
-            self.final_counts = [int(c) for c in compression["final_counts"]]
-            self.shrink_steps_done = int(compression["shrink_steps_done"])
+            self.plan.load_state_dict(state["compression"])
+
+
+def _one_of(name: str, step_spelling: int | None, old_spelling: int | None, default: int | None) -> int | None:
+    """``compress_start_step`` and its older spelling ``compress_start`` (the same thing)."""
+    if step_spelling is not None and old_spelling is not None and step_spelling != old_spelling:
+        raise ValueError(f"give {name}_step or {name} (its older spelling), not both")
+    return step_spelling if step_spelling is not None else old_spelling if old_spelling is not None else default
 
 
 def _check_optimizer(optimizer: torch.optim.Optimizer | None, layers: list[tuple[str, SparseLinear]]) -> None:

@@ -25,10 +25,26 @@ from synthprune.residual import live_masks
 from synthprune.rundir import RunDir
 
 __all__ = [
-    "FINAL_FORMAT", "build_model", "connections", "live_neurons", "load_run_model", "summarize", "write_final",
+    "FINAL_FORMAT", "build_model", "configuration_name", "connections", "live_neurons", "load_run_model", "run_name",
+    "summarize", "write_final",
 ]
 
 FINAL_FORMAT = "synthprune-mlp"
+
+
+def run_name(configuration: str, seed: int) -> str:
+    """The folder name of one run: its configuration's name and its seed (``synthesis-c0.01-s3``).
+    The one place run folders are named: ``train``'s default ``--out`` and every sweep."""
+    return f"{configuration}-s{seed}"
+
+
+def configuration_name(config: TrainConfig, prefix: str = "") -> str:
+    """A name saying what a config trains: ``[prefix-]<grow or dense>[-c<compress_to>]``."""
+    parts = [prefix] if prefix else []
+    parts.append(config.grow if config.sparse else "dense")
+    if config.compress_to is not None:
+        parts.append(f"c{config.compress_to}")
+    return "-".join(parts)
 
 
 def build_model(config: TrainConfig, n_features: int, n_classes: int) -> SparseMLP:

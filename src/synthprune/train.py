@@ -391,7 +391,7 @@ def build_rewirer(config: TrainConfig, model: nn.Module, optimizer: torch.optim.
     if config.compress_to is not None:
         first, last = config.compress_epochs
         compression = {"compress_to": config.compress_to, "compress_scope": config.compress_scope,
-                       "compress_start": first - 1, "compress_end": last - 1}
+                       "compress_start_step": first - 1, "compress_end_step": last - 1}
     return Rewirer(model, optimizer, prune=config.prune, grow=config.grow, zeta=config.zeta,
                    zeta_schedule=config.zeta_schedule, total_steps=max(1, config.epochs - 1), seed=config.seed,
                    **compression, **config.strategy_options())
