@@ -124,3 +124,13 @@ def test_output_off_a_terminal_is_whole_at_any_width(tmp_path, capsys, monkeypat
     printed = capsys.readouterr().out
     assert str(out) in printed.splitlines()  # the path on one line
     assert "connections" in printed and "…" not in printed  # no cut table cell
+
+
+def test_a_sparse_mlp_rebuilds_from_its_config_and_state_dict():
+    import json
+
+    model = SparseMLP([12, 10, 8, 3], epsilon=2, backend="masked", dropout=0.1, seed=4)
+    clone = SparseMLP.from_config(json.loads(json.dumps(model.config())))
+    clone.load_state_dict(model.state_dict())
+    x = torch.randn(5, 12)
+    assert torch.equal(model.eval()(x), clone.eval()(x)) and clone.fc1.backend == "masked"

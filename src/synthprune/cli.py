@@ -159,37 +159,7 @@ def train(
     )
     for source in strategies or []:
         import_strategies(source)
-    extra = parse_assignments(set_values or [], "--set")
-    clash = sorted(k for k in extra if overrides.get(k) is not None)
-    if clash:
-        raise ValueError(f"--set {clash[0]} and --{clash[0].replace('_', '-')} both given: keep one")
-    options = parse_assignments(grow_option or [], "--grow-option")
-    if options:
-        extra["grow_options"] = {**(extra.get("grow_options") or {}), **options}
-    if resume:
-        given = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
-        given += [f"--set {k}" for k in parse_assignments(set_values or [], "--set")] + \
-            (["--grow-option"] if options else [])
-        if given or config is not None:
-            dropped = ", ".join(given) or "--config"
-            raise ValueError(f"--resume continues with the run's saved config.yaml; drop {dropped}")
-        if out is None:
-            raise ValueError("--resume needs --out, the run directory to continue")
-    try:
-        settings = load_config(preset, config, **extra, **{k: v for k, v in overrides.items() if v is not None})
-    except ConfigError as exc:  # name the flag the bad value came from
-        if exc.key is not None and overrides.get(exc.key) is not None:
-            raise exc.named(f"--{exc.key.replace('_', '-')}") from None
-        if exc.key == "grow_options" and options:
-            raise exc.named("--grow-option") from None
-        if exc.key in extra:
-            raise exc.named(f"--set {exc.key}") from None
-        raise
-    if settings.compress_to is None:
-        shaping = [f"--{k.replace('_', '-')}" for k in ("compress_scope", "compress_start", "compress_end")
-                   if overrides[k] is not None]
-        if shaping:
-            raise ValueError(f"{shaping[0]} shapes compression, which is off: add --compress-to, or drop it")
+    settings = train_settings(preset, config, overrides, set_values or [], grow_option or [], resume, out)
     if out is None:
         from synthprune.runs import configuration_name, run_name
 
@@ -219,6 +189,45 @@ def train(
         plot_runs([out], Path(out) / "figures")
     if speaks:
         show(summary_table(f"{out}", summary))
+
+
+def train_settings(preset: str, config: Path | None, overrides: dict, set_values: list[str], grow_option: list[str],
+                   resume: bool, out: Path | None):
+    """The config ``train`` runs: preset, then ``--config``, then ``--set`` and
+    ``--grow-option``, then the flags (``overrides``, ``None`` = not given). A bad value is
+    reported under the flag or file it came from. With ``--resume`` nothing may be given."""
+    extra = parse_assignments(set_values, "--set")
+    clash = sorted(k for k in extra if overrides.get(k) is not None)
+    if clash:
+        raise ValueError(f"--set {clash[0]} and --{clash[0].replace('_', '-')} both given: keep one")
+    options = parse_assignments(grow_option, "--grow-option")
+    if options:
+        extra["grow_options"] = {**(extra.get("grow_options") or {}), **options}
+    if resume:
+        given = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
+        given += [f"--set {k}" for k in parse_assignments(set_values, "--set")] + \
+            (["--grow-option"] if options else [])
+        if given or config is not None:
+            dropped = ", ".join(given) or "--config"
+            raise ValueError(f"--resume continues with the run's saved config.yaml; drop {dropped}")
+        if out is None:
+            raise ValueError("--resume needs --out, the run directory to continue")
+    try:
+        settings = load_config(preset, config, **extra, **{k: v for k, v in overrides.items() if v is not None})
+    except ConfigError as exc:  # name the flag the bad value came from
+        if exc.key is not None and overrides.get(exc.key) is not None:
+            raise exc.named(f"--{exc.key.replace('_', '-')}") from None
+        if exc.key == "grow_options" and options:
+            raise exc.named("--grow-option") from None
+        if exc.key in extra:
+            raise exc.named(f"--set {exc.key}") from None
+        raise
+    if settings.compress_to is None:
+        shaping = [f"--{k.replace('_', '-')}" for k in ("compress_scope", "compress_start", "compress_end")
+                   if overrides[k] is not None]
+        if shaping:
+            raise ValueError(f"{shaping[0]} shapes compression, which is off: add --compress-to, or drop it")
+    return settings
 
 
 def watch_parent() -> None:

@@ -140,6 +140,19 @@ class SparseMLP(nn.Sequential):
                     modules[f"drop{i}"] = nn.Dropout(dropout)
         super().__init__(modules)
         self.sizes = sizes
+        self._settings = {"sizes": sizes, "epsilon": epsilon, "density": density, "distribution": distribution,
+                          "backend": backend, "activation": activation, "dropout": dropout,
+                          "dense_output": dense_output, "init": init}
+
+    def config(self) -> dict:
+        """The constructor's settings (JSON-safe). ``SparseMLP.from_config(model.config())``
+        builds the same architecture; ``load_state_dict`` then restores weights and wiring."""
+        return dict(self._settings)
+
+    @classmethod
+    def from_config(cls, config: dict, seed: int | None = None) -> SparseMLP:
+        settings = dict(config)
+        return cls(settings.pop("sizes"), seed=seed, **settings)
 
 
 def sparsify(
