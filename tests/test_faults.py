@@ -79,13 +79,13 @@ def test_resume_while_the_run_is_training_is_refused(tmp_path):
 
 KILL_BETWEEN_FINAL_WRITES = """
 import os, signal, sys
-import synthprune.train as train
-real = train.atomic_write
+import synthprune.runs as runs
+real = runs.atomic_write
 def atomic_write(path, data):
     if path.name == "config.json" and path.parent.name == "final":
         os.kill(os.getpid(), signal.SIGKILL)  # after final/model.safetensors, before final/config.json
     real(path, data)
-train.atomic_write = atomic_write
+runs.atomic_write = atomic_write
 from synthprune.cli import main
 sys.exit(main(sys.argv[1:]))
 """
