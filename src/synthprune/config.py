@@ -298,10 +298,9 @@ def parse_assignments(items: list[str], flag: str) -> dict[str, object]:
         if not sep or not key:
             raise ValueError(f"{flag} takes KEY=VALUE, got {item!r}")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            result[key] = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
-            value = text  # not YAML: the text itself
-        result[key] = text if isinstance(value, str) else value
+            result[key] = text  # not YAML: the text itself
     return result
 
 

@@ -271,7 +271,7 @@ def run_sweep(runs: list[SweepRun], out: str | Path, jobs: int | None = None,
     out = Path(out)
     jobs = max(1, jobs or os.cpu_count() or 1)
     threads = max(1, (os.cpu_count() or 1) // jobs)  # workers share the cores, not oversubscribe
-    with FolderLock(out, "sweep folder") as _, _signals_as_interrupt():
+    with FolderLock(out, "sweep folder"), _signals_as_interrupt():
         clean_sweep_temporaries(out)
         specs = out / ".sweep"
         prepared = [(run, *_prepare(run, specs)) for run in runs]  # all checks before any work

@@ -153,8 +153,13 @@ class FolderLock:
         self.release()
 
 
-def _read_bytes(path: Path, todo: str) -> bytes:
+def _read_bytes(path: Path, todo: str, content: bool = True) -> bytes:
+    """The file's bytes (``b""`` when ``content`` is false: only that it can be opened for
+    reading, before a library that reads it itself gives a vaguer error)."""
     try:
+        if not content:
+            path.open("rb").close()
+            return b""
         return path.read_bytes()
     except FileNotFoundError:
         raise FileFormatError(path, "not found", todo) from None
@@ -193,7 +198,7 @@ def load_safetensors(path: str | Path, todo: str, device: str = "cpu") -> tuple[
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    _read_bytes(path, todo)[:0]  # missing / unreadable: say so before safetensors does
+    _read_bytes(path, todo, content=False)  # missing / unreadable: say so before safetensors does
     try:
         with safe_open(str(path), framework="pt", device=device) as handle:
             metadata = handle.metadata() or {}
@@ -206,7 +211,7 @@ def load_safetensors(path: str | Path, todo: str, device: str = "cpu") -> tuple[
 def load_torch(path: str | Path, todo: str, map_location: str | torch.device = "cpu") -> dict:
     """A ``torch.save`` file loaded with ``weights_only=True`` (no code in it runs); a dict."""
     path = Path(path)
-    _read_bytes(path, todo)[:0]
+    _read_bytes(path, todo, content=False)
     try:
         content = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many kinds for truncated, foreign or malicious files

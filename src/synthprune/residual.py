@@ -35,7 +35,8 @@ from synthprune.layers import CSRLinear, DenseLinear, SparseLinear
 from synthprune.models import ACTIVATIONS
 
 __all__ = [
-    "FORMS", "ResidualMLP", "ResidualSummary", "live_masks", "load_residual", "residual_network", "save_residual",
+    "FORMS", "ResidualMLP", "ResidualSummary", "layer_edges", "live_masks", "load_residual", "residual_network",
+    "save_residual",
 ]
 
 FORMS = ("csr", "dense")
@@ -170,15 +171,21 @@ def _mlp_parts(model: nn.Module) -> tuple[list[nn.Module], str]:
     return linears, (activations.pop() if activations else "relu")
 
 
+def layer_edges(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, cols)`` ``[connections]`` each: the output and input neuron of every connection
+    of a sparse or dense linear layer, in row-major (key) order, on the CPU."""
+    if isinstance(layer, SparseLinear):
+        rows, cols = layer.edge_index().cpu()
+        return rows, cols
+    rows = torch.arange(layer.out_features).repeat_interleave(layer.in_features)  # dense: every weight
+    return rows, torch.arange(layer.in_features).repeat(layer.out_features)
+
+
 def _edge_list(layer: nn.Module) -> _Layer:
     with torch.no_grad():
-        if isinstance(layer, SparseLinear):
-            rows, cols = layer.edge_index().cpu()
-            values = layer.connection_values().detach().cpu()
-        else:  # dense: every weight is a connection
-            rows, cols = torch.meshgrid(torch.arange(layer.out_features), torch.arange(layer.in_features),
-                                        indexing="ij")
-            rows, cols, values = rows.reshape(-1), cols.reshape(-1), layer.weight.detach().cpu().reshape(-1)
+        rows, cols = layer_edges(layer)
+        weights = layer.connection_values() if isinstance(layer, SparseLinear) else layer.weight.reshape(-1)
+        values = weights.detach().cpu()
         bias = layer.bias.detach().cpu() if layer.bias is not None else torch.zeros(layer.out_features)
     return _Layer(rows, cols, values.double(), bias.double().clone())
 
@@ -187,7 +194,8 @@ def live_masks(edges: list[tuple[torch.Tensor, torch.Tensor]], widths: list[int]
     """Which neurons the residual network keeps, from the wiring alone.
 
     ``edges[l] = (rows, cols)`` of linear layer ``l`` (output, input neuron of each connection),
-    ``widths`` the neurons per level (inputs, hidden..., outputs). A neuron is kept iff it lies
+    or ``None`` for a dense layer (every pair connected: nothing to materialise), ``widths`` the
+    neurons per level (inputs, hidden..., outputs). A neuron is kept iff it lies
     on a path from an input feature to an output -- the fixed point of removing neurons without
     inputs or outputs. Outputs are always kept. Returns one ``[width]`` bool mask per level.
     """
@@ -199,14 +207,21 @@ def _kept(reached: list[torch.Tensor], reaching: list[torch.Tensor]) -> list[tor
     return [reaching[0]] + [a & b for a, b in zip(reached[1:-1], reaching[1:-1], strict=True)] + [reaching[-1]]
 
 
-def _reachability(edges: list[tuple[torch.Tensor, torch.Tensor]], widths: list[int]):
+def _reachability(edges: list[tuple[torch.Tensor, torch.Tensor] | None], widths: list[int]):
     """Per level: neurons reachable from an input feature, and neurons that reach an output."""
+    def spread(edge, source: torch.Tensor, width: int, forward: bool) -> torch.Tensor:
+        if edge is None:  # dense: all of the next level, if any of this one
+            return torch.full((width,), bool(source.any()))
+        rows, cols = edge
+        ends, starts = (rows, cols) if forward else (cols, rows)
+        return torch.bincount(ends[source[starts]], minlength=width) > 0
+
     reached = [torch.ones(widths[0], dtype=torch.bool)]
-    for (rows, cols), width in zip(edges, widths[1:], strict=True):
-        reached.append(torch.bincount(rows[reached[-1][cols]], minlength=width) > 0)
+    for edge, width in zip(edges, widths[1:], strict=True):
+        reached.append(spread(edge, reached[-1], width, forward=True))
     reaching = [torch.ones(widths[-1], dtype=torch.bool)]
-    for (rows, cols), width in zip(reversed(edges), reversed(widths[:-1]), strict=True):
-        reaching.insert(0, torch.bincount(cols[reaching[0][rows]], minlength=width) > 0)
+    for edge, width in zip(reversed(edges), reversed(widths[:-1]), strict=True):
+        reaching.insert(0, spread(edge, reaching[0], width, forward=False))
     return reached, reaching
 
 

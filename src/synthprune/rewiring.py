@@ -150,8 +150,7 @@ class Rewirer:
             raise ValueError("model has no SparseLinear layers: build it with SparseMLP or sparsify()")
         _check_optimizer(optimizer, self.layers)
         self.model, self.optimizer = model, optimizer
-        self.prune, self.grow, self.zeta = prune, grow, zeta
-        self.zeta_schedule, self.total_steps, self.seed = zeta_schedule, total_steps, seed
+        self.prune, self.grow, self.seed = prune, grow, seed
         self.new_weights, self.new_weight_std = new_weights, new_weight_std
         self.loss_fn = loss_fn or F.cross_entropy
         self.max_rounds = max_rounds
@@ -195,7 +194,10 @@ class Rewirer:
     def compressing(self) -> bool:
         return self.plan is not None
 
-    # Read-only views of the plan, for reports and tests.
+    # Read-only views of the schedule and the plan, for reports, settings and tests.
+    zeta = property(lambda self: self.schedule.zeta)
+    zeta_schedule = property(lambda self: self.schedule.kind)
+    total_steps = property(lambda self: self.schedule.total_steps)
     initial_counts = property(lambda self: self.plan.initial_counts if self.plan else self._counts())
     final_counts = property(lambda self: self.plan.final_counts if self.plan else self._counts())
     shrink_steps_done = property(lambda self: self.plan.steps_done if self.plan else 0)

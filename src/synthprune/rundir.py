@@ -93,7 +93,7 @@ class RunDir:
             self.lock.release()
             raise
         clean_temporaries(self.root)
-        if action != "resume" and not resume:
+        if not resume:  # a new start, or one over an unstarted run: its config is this one
             atomic_write(self.config, yaml.safe_dump(config, sort_keys=False))
         return action
 

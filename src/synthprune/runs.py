@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
@@ -21,7 +20,7 @@ from synthprune.config import TrainConfig, config_from_file
 from synthprune.files import FileFormatError, atomic_write, load_safetensors, read_json
 from synthprune.layers import SparseLinear
 from synthprune.models import SparseMLP, linear_layers
-from synthprune.residual import live_masks
+from synthprune.residual import layer_edges, live_masks
 from synthprune.rundir import RunDir
 
 __all__ = [
@@ -57,22 +56,14 @@ def build_model(config: TrainConfig, n_features: int, n_classes: int) -> SparseM
     )
 
 
-def edges(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rows, cols)``: output and input neuron of each connection of a linear layer (CPU)."""
-    if isinstance(layer, SparseLinear):
-        rows, cols = layer.edge_index().cpu()
-        return rows, cols
-    rows = torch.arange(layer.out_features).repeat_interleave(layer.in_features)
-    return rows, torch.arange(layer.in_features).repeat(layer.out_features)
-
-
 def live_neurons(model: nn.Module) -> list[int]:
     """Live neurons per hidden layer: those on a path from an input to an output, the fixed
     point the residual network keeps (:func:`synthprune.residual.live_masks`). The one
     definition used by ``metrics.csv``, run summaries and ``sweep.csv``."""
     layers = [layer for _, layer in linear_layers(model)]
     widths = [layers[0].in_features] + [layer.out_features for layer in layers]
-    return [int(mask.sum()) for mask in live_masks([edges(layer) for layer in layers], widths)[1:-1]]
+    wiring = [layer_edges(layer) if isinstance(layer, SparseLinear) else None for layer in layers]  # None: dense
+    return [int(mask.sum()) for mask in live_masks(wiring, widths)[1:-1]]
 
 
 def connections(model: nn.Module) -> dict[str, int]:

@@ -18,7 +18,7 @@ from torch import nn
 
 from synthprune.files import FileFormatError, atomic_write, load_safetensors
 from synthprune.layers import SparseLinear
-from synthprune.residual import ResidualMLP, live_masks
+from synthprune.residual import ResidualMLP, layer_edges, live_masks
 
 __all__ = ["Structure", "load_snapshot", "model_structure", "residual_structure", "save_snapshot"]
 
@@ -74,11 +74,7 @@ def residual_structure(net: ResidualMLP, name: str) -> Structure:
     widths = list(net.original_sizes)
     keys, sparse = [], []
     for i, layer in enumerate(net.layers):
-        if isinstance(layer, SparseLinear):
-            rows, cols = layer.edge_index().cpu()
-        else:
-            rows = torch.arange(layer.out_features).repeat_interleave(layer.in_features)
-            cols = torch.arange(layer.in_features).repeat(layer.out_features)
+        rows, cols = layer_edges(layer)
         keys.append(torch.sort(kept[i + 1][rows] * widths[i] + kept[i][cols]).values)
         sparse.append(net.forms[i] == "csr")
     return Structure(name, widths, keys, sparse)
