@@ -191,6 +191,8 @@ CASES = [
     ("sweep-run-not-mapping", lambda t, f, i: _sweep(t, "runs: {a: [1]}\n"),
      "spec.yaml: run 'a' must be a mapping"),
     ("sweep-not-yaml", lambda t, f, i: _sweep(t, "runs: {a: [\n"), "spec.yaml: not valid YAML"),
+    ("sweep-zero-jobs", lambda t, f, i: [*_sweep(t, "runs: {a: {}}\n"), "--jobs", "0"], "--jobs"),
+    ("sweep-zero-threads", lambda t, f, i: [*_sweep(t, "runs: {a: {}}\n"), "--threads", "0"], "--threads"),
     ("sweep-bad-seeds", lambda t, f, i: _sweep(t, "seeds: [a]\nruns: {a: {}}\n"), "spec.yaml: seeds must look like"),
     ("sweep-bad-value", lambda t, f, i: _sweep(t, "runs: {a: {epsilon: .inf}}\n"),
      "configuration 'a': epsilon must be a finite number"),

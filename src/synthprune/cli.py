@@ -360,7 +360,10 @@ def sweep(
                                                                        "e.g. --set endpoint=cdf,tail.")] = None,
     seeds: Annotated[str | None, typer.Option(help="Seeds, e.g. 0-4 or 0,1,2 (default 0).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs of every run.")] = None,
-    jobs: Annotated[int | None, typer.Option(help="Runs at a time (default: the number of CPU cores).")] = None,
+    jobs: Annotated[int | None, typer.Option(min=1, help="Runs at a time (default: the number of CPU cores).")] = None,
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="Threads of each run (default: the cores divided between the jobs). One thread per job keeps "
+             "runs that share a busy machine from collapsing.")] = None,
     strategies: Annotated[list[str] | None, typer.Option(
         "--strategies", help="Import this module first (a dotted name or a .py file), here and in every "
                              "worker: the strategies it registers become usable. Repeatable.")] = None,
@@ -406,7 +409,7 @@ def sweep(
         progress.advance(task)
 
     with progress if console.is_terminal else contextlib.nullcontext():
-        results = run_sweep(runs, out, jobs, on_done=done, strategies=strategies or [])
+        results = run_sweep(runs, out, jobs, on_done=done, strategies=strategies or [], threads=threads)
     failed = [r for r in results if r.status == "failed"]
     console.print(f"wrote {out}/sweep.csv and {out}/summary.md" + (f"; {len(failed)} run(s) failed" if failed else ""),
                   highlight=False)

@@ -263,14 +263,15 @@ def _terminate_as_interrupt(signum, frame) -> None:
 
 def run_sweep(runs: list[SweepRun], out: str | Path, jobs: int | None = None,
               on_done: Callable[[RunResult, str], None] | None = None,
-              strategies: list[str] | None = None) -> list[RunResult]:
-    """Run every run (``jobs`` at a time, default: the CPU count), then write ``sweep.csv``
+              strategies: list[str] | None = None, threads: int | None = None) -> list[RunResult]:
+    """Run every run (``jobs`` at a time, default: the CPU count; each worker with ``threads``
+    threads, default: the cores shared between the jobs), then write ``sweep.csv``
     and ``summary.md`` into ``out``. A failed run is reported in its result, never raised.
     One sweep writes ``out`` at a time (its ``.lock``). ``strategies``: modules every worker
     imports first (``train --strategies``)."""
     out = Path(out)
     jobs = max(1, jobs or os.cpu_count() or 1)
-    threads = max(1, (os.cpu_count() or 1) // jobs)  # workers share the cores, not oversubscribe
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)  # workers share the cores, not oversubscribe
     with FolderLock(out, "sweep folder"), _signals_as_interrupt():
         clean_sweep_temporaries(out)
         specs = out / ".sweep"
