@@ -70,8 +70,9 @@ def test_a_rewirer_checks_its_optimizer():
     other = SparseMLP([10, 12, 4], epsilon=2, seed=1)
     with pytest.raises(ValueError, match="does not hold the connection weights of fc1"):
         Rewirer(model, torch.optim.SGD(other.parameters(), lr=0.1))
-    with pytest.warns(UserWarning, match="Rewirer without the optimizer"):
+    with pytest.raises(ValueError, match="needs the optimizer that trains the model"):
         Rewirer(model)
+    Rewirer(model, None)  # said explicitly: nothing trains it
     Rewirer(model, torch.optim.SGD(model.parameters(), lr=0.1))  # the right one: no complaint
 
 

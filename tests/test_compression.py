@@ -79,9 +79,9 @@ def test_infeasible_targets_are_refused(target, scope, message):
 def test_rewirer_refuses_an_infeasible_target_before_any_step():
     model = SparseMLP([20, 30, 30, 4], epsilon=2, seed=0)
     with pytest.raises(ValueError, match="output neurons"):
-        Rewirer(model, compress_to=10, compress_scope="layer", compress_end=3)
+        Rewirer(model, None, compress_to=10, compress_scope="layer", compress_end=3)
     with pytest.raises(ValueError, match="compress_end"):
-        Rewirer(model, compress_to=0.05)
+        Rewirer(model, None, compress_to=0.05)
 
 
 def in_degree(layer):
@@ -151,7 +151,7 @@ def test_compression_reaches_its_targets_exactly(backend, grow, sizes, density, 
 
 def test_paused_steps_hold_the_count_and_delay_the_schedule():
     model = SparseMLP([20, 30, 30, 4], epsilon=3, seed=0)
-    rewirer = Rewirer(model, grow="random", compress_to=0.1, compress_scope="layer", compress_end=1)
+    rewirer = Rewirer(model, None, grow="random", compress_to=0.1, compress_scope="layer", compress_end=1)
     counts = lambda: [layer.nnz for _, layer in sparse_layers(model)]
     start = counts()
     rewirer.step(compress=False)
@@ -173,7 +173,7 @@ def test_static_compression_prunes_by_magnitude_but_keeps_each_live_neurons_stro
         row = key // 20
         if w > weight.get(strongest.get(row, -1), -1):
             strongest[row] = key
-    rewirer = Rewirer(model, prune="magnitude", grow="none", compress_to={"fc1": 60}, compress_end=0)
+    rewirer = Rewirer(model, None, prune="magnitude", grow="none", compress_to={"fc1": 60}, compress_end=0)
     rewirer.step()
     live = (torch.bincount(fc2.edge_index()[1], minlength=30) > 0).tolist()
     protected = {key for row, key in strongest.items() if live[row]}
@@ -186,7 +186,7 @@ def test_static_compression_prunes_by_magnitude_but_keeps_each_live_neurons_stro
 def test_compression_state_round_trip():
     def build():
         model = SparseMLP([20, 24, 24, 4], epsilon=3, seed=0)
-        return model, Rewirer(model, grow="synthesis", seed=1, compress_to=0.1, compress_end=3)
+        return model, Rewirer(model, None, grow="synthesis", seed=1, compress_to=0.1, compress_end=3)
 
     model, rewirer = build()
     rewirer.step()
@@ -199,7 +199,7 @@ def test_compression_state_round_trip():
     for (_, a), (_, b) in zip(sparse_layers(model), sparse_layers(clone), strict=True):
         assert torch.equal(a.keys(), b.keys())
     with pytest.raises(ValueError, match="other settings"):
-        Rewirer(clone, grow="synthesis", seed=1, compress_to=0.09, compress_end=3).load_state_dict(state)
+        Rewirer(clone, None, grow="synthesis", seed=1, compress_to=0.09, compress_end=3).load_state_dict(state)
 
 
 def test_training_goes_on_after_shrinking_while_the_last_graph_is_alive(backend):

@@ -215,7 +215,7 @@ def test_sparsify_keep_init_keeps_pretrained_weights(backend):
 
 def test_sparsify_errors():
     model = nn.Sequential(nn.Linear(5, 5))
-    with pytest.raises(ValueError, match=r"exclude names no linear layer: \['head'\]"):
+    with pytest.raises(ValueError, match=r"exclude names no linear or convolution layer: \['head'\]"):
         sparsify(model, epsilon=1, exclude=["head"])
     with pytest.raises(ValueError, match="exactly one"):
         sparsify(model)

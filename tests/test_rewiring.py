@@ -112,9 +112,9 @@ def test_state_dict_round_trip_continues_identically(backend, tmp_path):
 
 def test_load_state_dict_refuses_other_settings():
     model = SparseMLP([8, 8, 2], epsilon=1, seed=0)
-    saved = Rewirer(model, grow="random").state_dict()
+    saved = Rewirer(model, None, grow="random").state_dict()
     with pytest.raises(ValueError, match="other settings"):
-        Rewirer(model, grow="synthesis").load_state_dict(saved)
+        Rewirer(model, None, grow="synthesis").load_state_dict(saved)
 
 
 def test_training_continues_after_rewiring(backend):
@@ -138,7 +138,7 @@ def test_training_continues_after_rewiring(backend):
 
 def test_cosine_schedule_decays_to_zero():
     model = SparseMLP([10, 10, 2], epsilon=2, seed=0)
-    rewirer = Rewirer(model, grow="random", zeta=0.4, zeta_schedule="cosine", total_steps=4)
+    rewirer = Rewirer(model, None, grow="random", zeta=0.4, zeta_schedule="cosine", total_steps=4)
     zetas = [rewirer.step()[0].zeta for _ in range(5)]
     assert zetas == pytest.approx([0.4, 0.4 * (1 + 2**-0.5) / 2, 0.2, 0.4 * (1 - 2**-0.5) / 2, 0.0])
 
@@ -146,7 +146,7 @@ def test_cosine_schedule_decays_to_zero():
 def test_static_sparse_never_changes():
     model = SparseMLP([10, 10, 2], epsilon=2, seed=0)
     keys = model.fc1.keys().clone()
-    Rewirer(model, grow="none").step()
+    Rewirer(model, None, grow="none").step()
     assert torch.equal(model.fc1.keys(), keys)
 
 
@@ -154,7 +154,7 @@ def test_new_weights_normal_option():
     model = SparseMLP([40, 40, 2], epsilon=4, seed=0)
     with torch.no_grad():
         model.fc1.values.fill_(1.0)
-    Rewirer(model, grow="random", new_weights="normal", new_weight_std=0.01, prune="magnitude").step()
+    Rewirer(model, None, grow="random", new_weights="normal", new_weight_std=0.01, prune="magnitude").step()
     new = model.fc1.values[model.fc1.values != 1.0]
     assert new.numel() == round(0.3 * model.fc1.nnz) and 0 < new.abs().max() < 0.1
 
@@ -176,17 +176,17 @@ def test_new_weights_normal_option():
 def test_bad_settings_raise_value_error(kwargs, message):
     model = SparseMLP([10, 10, 2], epsilon=2, seed=0)
     with pytest.raises(ValueError, match=message):
-        Rewirer(model, **kwargs).step()
+        Rewirer(model, None, **kwargs).step()
 
 
 def test_gradient_growth_needs_a_batch():
     model = SparseMLP([10, 10, 2], epsilon=2, seed=0)
     with pytest.raises(ValueError, match="needs a batch"):
-        Rewirer(model, grow="gradient").step()
+        Rewirer(model, None, grow="gradient").step()
 
 
 def test_model_without_sparse_layers_is_refused():
-    with pytest.raises(ValueError, match="no SparseLinear layers"):
+    with pytest.raises(ValueError, match="no sparse layers"):
         Rewirer(torch.nn.Linear(3, 3))
 
 

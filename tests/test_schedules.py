@@ -4,16 +4,28 @@ import pytest
 import torch
 
 from synthprune import Rewirer, SparseMLP
-from synthprune.schedules import CompressionPlan, ZetaSchedule
+from synthprune.schedules import CompressionPlan, RewireSchedule, ZetaSchedule
 
 
 def test_zeta_schedules():
     assert ZetaSchedule(0.3).at(7) == 0.3
     cosine = ZetaSchedule(0.4, "cosine", total_steps=4)
-    assert cosine.at(0) == pytest.approx(0.4) and cosine.at(4) == pytest.approx(0.0) and cosine.at(9) == cosine.at(4)
+    assert cosine.at(0) == pytest.approx(0.4) and cosine.at(3) > 0
+    with pytest.warns(UserWarning, match="cosine zeta schedule ended after total_steps=4"):  # never silently
+        assert cosine.at(4) == pytest.approx(0.0) and cosine.at(9) == cosine.at(4)
     for bad in (dict(zeta=1.5), dict(kind="linear"), dict(kind="cosine")):
         with pytest.raises(ValueError):
             ZetaSchedule(**{"zeta": 0.3, **bad})
+
+
+def test_a_rewire_schedule_counts_optimizer_steps_like_rigl():
+    schedule = RewireSchedule(every=100, until=350)
+    assert [s for s in range(0, 1000) if schedule.due(s)] == [100, 200, 300]
+    assert schedule.count(1000) == 3 and RewireSchedule(every=100).count(1000) == 10
+    assert RewireSchedule(every=100).count(99) == 0
+    for bad in (dict(every=0), dict(every=1.5), dict(every=10, until=0)):
+        with pytest.raises(ValueError):
+            RewireSchedule(**bad)
 
 
 def test_the_plan_lands_on_the_target_and_pauses_do_not_advance_it():

@@ -27,7 +27,7 @@ from torch import nn
 
 from synthprune.topology import TopologyError, check_topology, er_count, keys_to_edge_index, random_keys, uniform_count
 
-__all__ = ["BACKENDS", "INITS", "CSRLinear", "DenseLinear", "MaskedLinear", "SparseLinear"]
+__all__ = ["BACKENDS", "INITS", "CSRLinear", "DenseLinear", "MaskedLinear", "SparseLayer", "SparseLinear"]
 
 BACKENDS = ("csr", "masked")
 INITS = ("sparse_kaiming", "dense_default")
@@ -85,24 +85,107 @@ def initial_values(
     raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
 
 
-class SparseLinear(nn.Module):
-    """``y = x Wᵀ + b`` with a sparse ``W`` of shape ``[out_features, in_features]``.
+class SparseLayer(nn.Module):
+    """What the Rewirer needs of a sparse layer, whatever its kind (linear or convolution).
 
-    ``SparseLinear(784, 1000, epsilon=20, backend="csr")`` returns the backend's subclass. The
-    initial topology is uniformly random with an exact connection count, from one of
-    ``epsilon`` (Erdős–Rényi, ``ε·(n_in+n_out)``; the default, ε = 20), ``density`` or
-    ``connections``. Inputs are ``[..., in_features]``, outputs ``[..., out_features]``.
+    The layer's weight is seen as a matrix ``[n_out, n_in]``: for a linear layer that is its
+    weight; for a convolution, ``weight.reshape(out_channels, -1)``, so ``n_in`` is
+    ``in_channels/groups · kernel positions`` and column ``c · kernel_positions + p`` is input
+    channel ``c`` at kernel position ``p``. A *connection* is one entry of that matrix; its key
+    is ``row * n_in + col`` (the flat index into the weight). Input *nodes* are the
+    ``n_in // kernel_positions`` input features or channels.
 
     Invariants (checked by :meth:`check`): ``keys()`` is sorted, unique and in range; the
     values line up with it; on ``masked`` every weight outside the mask is exactly 0.
     """
 
     backend: str = ""
+    kernel_positions: int = 1  # matrix columns per input node (1 for a linear layer)
+
+    n_in: int
+    n_out: int
+
+    @property
+    def nnz(self) -> int:
+        """Number of connections."""
+        return int(self.connection_values().numel())
+
+    @property
+    def density(self) -> float:
+        return self.nnz / (self.n_in * self.n_out)
+
+    @property
+    def input_nodes(self) -> int:
+        """Input features (linear) or input channels per group (convolution)."""
+        return self.n_in // self.kernel_positions
+
+    def edge_index(self) -> torch.Tensor:
+        """``LongTensor[2, nnz]``: row 0 output neuron, row 1 matrix column, sorted row-major."""
+        return keys_to_edge_index(self.keys(), self.n_in)
+
+    def input_node_degree(self) -> torch.Tensor:
+        """``[input_nodes]``: connections leaving each input feature or channel (CPU)."""
+        cols = self.edge_index()[1].cpu() // self.kernel_positions
+        return torch.bincount(cols, minlength=self.input_nodes)
+
+    def check(self) -> None:
+        """Raise :class:`~synthprune.topology.TopologyError` if an invariant is broken."""
+        check_topology(self.keys(), self.n_out, self.n_in)
+
+    def weight_gradient(self, inputs: torch.Tensor, grad_outputs: torch.Tensor) -> torch.Tensor | None:
+        """``[n_out, n_in]`` dense ``∂L/∂W`` from the layer's captured input and output
+        gradient, for gradient-based growth; ``None`` when the grower should form it from
+        ``inputs``/``grad_outputs`` itself (a linear layer: in bounded chunks)."""
+        return None
+
+    def keys(self) -> torch.Tensor:
+        """``LongTensor[nnz]``: sorted connection keys ``row * n_in + col``."""
+        raise NotImplementedError
+
+    def connection_values(self) -> torch.Tensor:
+        """``[nnz]`` connection weights in key order (a view for csr, a gather for masked)."""
+        raise NotImplementedError
+
+    def connection_parameter(self) -> nn.Parameter:
+        """The Parameter that holds the connection weights (its optimizer state is rewired)."""
+        raise NotImplementedError
+
+    def set_connections(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace the topology: ``keys`` sorted unique ``[nnz']``, ``values`` ``[nnz']``.
+
+        The connection Parameter keeps its identity (the optimizer still holds it); its data
+        is replaced."""
+        raise NotImplementedError
+
+    def carry_over(self, old: torch.Tensor, kept_old: torch.Tensor, kept_new: torch.Tensor) -> torch.Tensor:
+        """Map a Parameter-shaped tensor (e.g. momentum) from the previous topology to the
+        current one: entries of surviving connections move from position ``kept_old`` to
+        ``kept_new`` (positions in key order); every other entry is 0."""
+        raise NotImplementedError
+
+    def _validate(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        if values.shape != keys.shape:
+            raise ValueError(f"values {tuple(values.shape)} must match keys {tuple(keys.shape)}")
+        check_topology(keys, self.n_out, self.n_in)
+
+
+class SparseLinear(SparseLayer):
+    """``y = x Wᵀ + b`` with a sparse ``W`` of shape ``[out_features, in_features]``.
+
+    ``SparseLinear(784, 1000, epsilon=20, backend="csr")`` returns the backend's subclass. The
+    initial topology is uniformly random with an exact connection count, from one of
+    ``epsilon`` (Erdős–Rényi, ``ε·(n_in+n_out)``; the default, ε = 20), ``density`` or
+    ``connections``. Inputs are ``[..., in_features]``, outputs ``[..., out_features]``.
+    The rewirable interface and its invariants are :class:`SparseLayer`'s.
+    """
 
     def __new__(cls, *args, backend: str = "csr", **kwargs):
         if cls is SparseLinear:
             cls = {"csr": CSRLinear, "masked": MaskedLinear}[check_backend(backend)]
         return super().__new__(cls)
+
+    n_in = property(lambda self: self.in_features)
+    n_out = property(lambda self: self.out_features)
 
     def __init__(
         self,
@@ -132,24 +215,7 @@ class SparseLinear(nn.Module):
         self.bias = nn.Parameter(bias_values.to(device)) if bias else None
         self._allocate(keys.to(device), values.to(device))
 
-    # ---- shared interface -------------------------------------------------------------
-
-    @property
-    def nnz(self) -> int:
-        """Number of connections."""
-        return int(self.connection_values().numel())
-
-    @property
-    def density(self) -> float:
-        return self.nnz / (self.in_features * self.out_features)
-
-    def edge_index(self) -> torch.Tensor:
-        """``LongTensor[2, nnz]``: row 0 output neuron, row 1 input neuron, sorted row-major."""
-        return keys_to_edge_index(self.keys(), self.in_features)
-
-    def check(self) -> None:
-        """Raise :class:`~synthprune.topology.TopologyError` if an invariant is broken."""
-        check_topology(self.keys(), self.out_features, self.in_features)
+    # ---- shared by both backends ------------------------------------------------------
 
     def to_backend(self, backend: str) -> SparseLinear:
         """A copy of this layer (same topology, values, bias, device) on another backend."""
@@ -183,41 +249,6 @@ class SparseLinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__} expects inputs [..., {self.in_features}], "
                              f"got shape {tuple(x.shape)}")
-
-    # ---- per backend ------------------------------------------------------------------
-
-    def _allocate(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def keys(self) -> torch.Tensor:
-        """``LongTensor[nnz]``: sorted connection keys ``row * in_features + col``."""
-        raise NotImplementedError
-
-    def connection_values(self) -> torch.Tensor:
-        """``[nnz]`` connection weights in key order (a view for csr, a gather for masked)."""
-        raise NotImplementedError
-
-    def connection_parameter(self) -> nn.Parameter:
-        """The Parameter that holds the connection weights (its optimizer state is rewired)."""
-        raise NotImplementedError
-
-    def set_connections(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Replace the topology: ``keys`` sorted unique ``[nnz']``, ``values`` ``[nnz']``.
-
-        The connection Parameter keeps its identity (the optimizer still holds it); its data
-        is replaced."""
-        raise NotImplementedError
-
-    def carry_over(self, old: torch.Tensor, kept_old: torch.Tensor, kept_new: torch.Tensor) -> torch.Tensor:
-        """Map a Parameter-shaped tensor (e.g. momentum) from the previous topology to the
-        current one: entries of surviving connections move from position ``kept_old`` to
-        ``kept_new`` (positions in key order); every other entry is 0."""
-        raise NotImplementedError
-
-    def _validate(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        if values.shape != keys.shape:
-            raise ValueError(f"values {tuple(values.shape)} must match keys {tuple(keys.shape)}")
-        check_topology(keys, self.out_features, self.in_features)
 
 
 class DenseLinear(nn.Linear):
@@ -272,6 +303,22 @@ class _CSRLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum(0)
         return grad_x, grad_values, grad_bias, None, None, None, None, None, None, None
+
+
+_PRODUCT_DTYPES = (torch.float32, torch.float64)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on ``device_type``, or ``None`` outside autocast."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cpu" and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+        if device_type == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+    return None
 
 
 def _product_into_new(sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
@@ -358,11 +405,28 @@ class CSRLinear(SparseLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         flat = x.reshape(-1, self.in_features)
-        y = _CSRLinearFunction.apply(
-            flat, self.values, self.bias, self._crow, self._col,
+        values, bias = self.values, self.bias
+        # The sparse products (MKL on CPU) take float32/float64 only, and autocast would cast
+        # their operands to bf16/fp16 inside the function. Half-precision models and autocast
+        # regions therefore compute this layer in float32 and return the precision the caller
+        # expects: the autocast dtype inside autocast (as nn.Linear does), else the layer's.
+        low = _autocast_dtype(x.device.type)
+        if low is not None or values.dtype not in _PRODUCT_DTYPES or x.dtype != values.dtype:
+            compute = values.dtype if values.dtype in _PRODUCT_DTYPES else torch.float32
+            flat, values = flat.to(compute), values.to(compute)
+            bias = bias.to(compute) if bias is not None else None
+            with torch.autocast(x.device.type, enabled=False):
+                y = self._product(flat, values, bias)
+            y = y.to(low or self.values.dtype)
+        else:
+            y = self._product(flat, values, bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _product(self, flat: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return _CSRLinearFunction.apply(
+            flat, values, bias, self._crow, self._col,
             self._t_crow, self._t_col, self._t_perm, self.out_features, self.in_features,
         )
-        return y.reshape(*x.shape[:-1], self.out_features)
 
     def _consistent(self, values: torch.Tensor, cols: torch.Tensor, crow: torch.Tensor) -> bool:
         """Whether stored csr tensors can be this layer's: matching lengths, row pointers from 0

@@ -10,10 +10,11 @@ from itertools import pairwise
 import torch
 from torch import nn
 
-from synthprune.layers import DenseLinear, SparseLinear, check_backend, initial_values
+from synthprune.conv import SparseConv1d, SparseConv2d
+from synthprune.layers import DenseLinear, SparseLayer, SparseLinear, check_backend, initial_values
 from synthprune.topology import er_count, erk_counts, uniform_count
 
-__all__ = ["ACTIVATIONS", "DISTRIBUTIONS", "SparseMLP", "linear_layers", "sparse_layers", "sparsify"]
+__all__ = ["ACTIVATIONS", "CONVOLUTIONS", "DISTRIBUTIONS", "SparseMLP", "linear_layers", "sparse_layers", "sparsify"]
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -32,9 +33,10 @@ def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseLinear, nn.Linear))]
 
 
-def sparse_layers(model: nn.Module) -> list[tuple[str, SparseLinear]]:
-    """``[(name, layer)]`` for every :class:`SparseLinear` in ``model``, in module order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, SparseLinear)]
+def sparse_layers(model: nn.Module) -> list[tuple[str, SparseLayer]]:
+    """``[(name, layer)]`` for every sparse layer (linear or convolution) in ``model``, in
+    module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, SparseLayer)]
 
 
 def layer_counts(
@@ -155,6 +157,9 @@ class SparseMLP(nn.Sequential):
         return cls(settings.pop("sizes"), seed=seed, **settings)
 
 
+CONVOLUTIONS = {nn.Conv1d: SparseConv1d, nn.Conv2d: SparseConv2d}
+
+
 def sparsify(
     model: nn.Module,
     *,
@@ -166,36 +171,52 @@ def sparsify(
     init: str = "sparse_kaiming",
     seed: int | None = None,
 ) -> nn.Module:
-    """Replace the ``nn.Linear`` layers of ``model`` (in place) by :class:`SparseLinear` layers.
+    """Replace the ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` layers of ``model`` (in
+    place) by sparse, rewirable ones: :class:`SparseLinear` on ``backend``, and
+    :class:`~synthprune.conv.SparseConv2d` / ``SparseConv1d`` (always masked).
 
     Give ``epsilon`` (Erdős–Rényi per layer) or ``density`` (``distribution="uniform"`` or
-    ``"erk"``). ``exclude`` names linear layers to leave dense (e.g. the classifier head); a
-    layer whose count reaches its full size stays dense. ``init="keep"`` keeps the existing
-    weights at the sampled connections (e.g. for a pretrained model); otherwise ``init`` is one
-    of :data:`synthprune.layers.INITS`. Returns ``model`` (or the replacement when ``model``
-    itself is an ``nn.Linear``).
+    ``"erk"``); a convolution counts as its ``[C_out, C_in/groups·K]`` weight matrix. ``exclude``
+    names layers to leave dense (e.g. the classifier head); a layer whose count reaches its full
+    size stays dense. ``init="keep"`` keeps the existing weights at the sampled connections
+    (e.g. for a pretrained model); otherwise ``init`` is one of
+    :data:`synthprune.layers.INITS`. Returns ``model`` (or the replacement when ``model`` itself
+    is one such layer).
     """
     check_backend(backend)
     exclude = set(exclude)
-    linears = [(name, m) for name, m in model.named_modules() if type(m) in (nn.Linear, DenseLinear)]
-    unknown = exclude - {name for name, _ in linears}
+    candidates = [(name, m) for name, m in model.named_modules()
+                  if type(m) in (nn.Linear, DenseLinear) or type(m) in CONVOLUTIONS]
+    unknown = exclude - {name for name, _ in candidates}
     if unknown:
-        raise ValueError(f"exclude names no linear layer: {sorted(unknown)}; "
-                         f"linear layers: {[name for name, _ in linears]}")
-    targets = [(name, m) for name, m in linears if name not in exclude]
+        raise ValueError(f"exclude names no linear or convolution layer: {sorted(unknown)}; "
+                         f"those layers: {[name for name, _ in candidates]}")
+    targets = [(name, m) for name, m in candidates if name not in exclude]
     if not targets:
         return model
-    counts = layer_counts([(m.in_features, m.out_features) for _, m in targets], epsilon, density, distribution)
+    shapes = [_matrix_shape(m) for _, m in targets]
+    counts = layer_counts(shapes, epsilon, density, distribution)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    for (name, linear), count in zip(targets, counts, strict=True):
-        if count >= linear.in_features * linear.out_features:
+    for (name, layer), count, (n_in, n_out) in zip(targets, counts, shapes, strict=True):
+        if count >= n_in * n_out:
             continue  # density ≥ 1: stays dense
-        replacement = _sparse_from_linear(linear, count, backend, init, generator)
+        if type(layer) in CONVOLUTIONS:
+            replacement = CONVOLUTIONS[type(layer)].from_dense(layer, connections=count, init=init,
+                                                               generator=generator)
+        else:
+            replacement = _sparse_from_linear(layer, count, backend, init, generator)
         if name == "":
             return replacement
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, replacement)
     return model
+
+
+def _matrix_shape(layer: nn.Module) -> tuple[int, int]:
+    """``(n_in, n_out)`` of a linear layer, or of a convolution's ``[C_out, C_in/groups·K]``."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    return layer.weight[0].numel(), layer.out_channels
 
 
 def _sparse_from_linear(

@@ -15,9 +15,9 @@ The Rewirer never calls ``optimizer.step()``; training stays in the user's loop.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from synthprune.compression import COMPRESS_SCOPES, LayerShape, final_counts
-from synthprune.layers import SparseLinear
+from synthprune.layers import SparseLayer, SparseLinear
 from synthprune.models import sparse_layers
-from synthprune.schedules import CompressionPlan, ZetaSchedule
+from synthprune.schedules import CompressionPlan, RewireSchedule, ZetaSchedule
 from synthprune.strategies import (
     GrowContext,
     get_grow_strategy,
@@ -42,6 +42,7 @@ __all__ = ["NEW_WEIGHTS", "LayerReport", "Rewirer"]
 logger = logging.getLogger(__name__)
 
 NEW_WEIGHTS = ("zero", "normal")
+_REQUIRED = object()  # Rewirer's optimizer argument when not given at all (None is a choice)
 
 
 @dataclass
@@ -72,12 +73,19 @@ class LayerReport:
 
 
 class Rewirer:
-    """Prunes and regrows the connections of every :class:`SparseLinear` in ``model``.
+    """Prunes and regrows the connections of every sparse layer in ``model``
+    (:class:`~synthprune.layers.SparseLinear`, :class:`~synthprune.conv.SparseConv2d`, ...).
 
     Args:
-        model: a module holding SparseLinear layers (:class:`SparseMLP`, :func:`sparsify`).
-        optimizer: its optimizer, whose per-parameter state (momentum, Adam moments) is moved
-            with surviving connections and zeroed for new ones. ``None`` if there is none.
+        model: a module holding sparse layers (:class:`SparseMLP`, :func:`sparsify`), or a
+            ``DistributedDataParallel`` around one (rewire it with
+            :func:`synthprune.distributed.rewire_ddp`, which rebuilds the wrapper).
+        optimizer: the optimizer that trains it, whose per-parameter state (momentum, Adam
+            moments) is moved with surviving connections and zeroed for new ones. Required:
+            pass ``None`` explicitly only when nothing trains the model.
+        schedule: when :meth:`maybe_step` rewires, e.g. ``RewireSchedule(every=100,
+            until=5000)`` in optimizer steps (RigL's ΔT and T_end); ``None``: call
+            :meth:`step` yourself.
         prune: prune criterion (``list_strategies()["prune"]``).
         grow: grow strategy (``list_strategies()["grow"]``); ``"none"`` keeps the wiring static.
         zeta: fraction of each layer's connections rewired per step, in (0, 1).
@@ -113,8 +121,9 @@ class Rewirer:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: torch.optim.Optimizer | object | None = _REQUIRED,
         *,
+        schedule: RewireSchedule | None = None,
         prune: str = "set",
         grow: str = "synthesis",
         zeta: float = 0.3,
@@ -140,15 +149,22 @@ class Rewirer:
         if unknown:
             raise ValueError(f"unknown option(s) {sorted(unknown)} for grow={grow!r}; "
                              f"valid: {sorted(valid_options) or 'none'}")
+        if total_steps is None and schedule is not None and schedule.until is not None:
+            total_steps = max(1, schedule.count(schedule.until))  # for a cosine ζ over the rewiring window
         self.schedule = ZetaSchedule(zeta, zeta_schedule, total_steps)
         if new_weights not in NEW_WEIGHTS:
             raise ValueError(f"unknown new_weights {new_weights!r}; valid: {', '.join(NEW_WEIGHTS)}")
         if max_rounds < 0:
             raise ValueError(f"max_rounds must be >= 0, got {max_rounds}")
-        self.layers: list[tuple[str, SparseLinear]] = sparse_layers(model)
+        model = getattr(model, "module", model) if _is_ddp(model) else model
+        self.layers: list[tuple[str, SparseLayer]] = sparse_layers(model)
         if not self.layers:
-            raise ValueError("model has no SparseLinear layers: build it with SparseMLP or sparsify()")
+            raise ValueError("model has no sparse layers: build it with SparseMLP or sparsify()")
+        if optimizer is _REQUIRED:
+            raise ValueError("Rewirer needs the optimizer that trains the model, Rewirer(model, optimizer, ...): "
+                             "its momentum must follow the rewiring; pass optimizer=None only if nothing trains it")
         _check_optimizer(optimizer, self.layers)
+        self.rewire_schedule = schedule
         self.model, self.optimizer = model, optimizer
         self.prune, self.grow, self.seed = prune, grow, seed
         self.new_weights, self.new_weight_std = new_weights, new_weight_std
@@ -186,8 +202,14 @@ class Rewirer:
             if not self.total_steps:
                 raise ValueError("compress_to needs compress_end_step (the last shrinking step) or total_steps")
             end = self.total_steps - 1
-        shapes = [LayerShape(name, layer.in_features, layer.out_features, layer.nnz) for name, layer in self.layers]
+        shapes = [LayerShape(name, layer.n_in, layer.n_out, layer.nnz) for name, layer in self.layers]
         self.plan = CompressionPlan([s.count for s in shapes], final_counts(shapes, compress_to, scope), start, end)
+        growing = [f"{s.name} ({s.count} -> {final})" for s, final in zip(shapes, self.plan.final_counts, strict=True)
+                   if final > s.count]
+        if growing:
+            raise ValueError(f"compress_to={compress_to!r} would grow {', '.join(growing)} connections: the model "
+                             "is already below the target. Resuming a compressed run? Load the rewirer's state "
+                             "(synthprune.load_checkpoint, or rewirer.load_state_dict) instead of starting over")
         self._successors = _successors(self.model, [layer for _, layer in self.layers])
 
     @property
@@ -238,10 +260,9 @@ class Rewirer:
         for index in reversed(range(len(self.layers))):
             name, layer = self.layers[index]
             start = time.perf_counter()
-            inputs, grad_outputs = signals.get(name, (None, None))
             live = self._live_outputs(index)
             pruned, grown, fallbacks, diagnostics = self._rewire_layer(
-                layer, zeta, targets[index], self.generators[index], inputs, grad_outputs, live)
+                layer, zeta, targets[index], self.generators[index], signals.get(name), live)
             report = LayerReport(
                 step=self.step_count, layer=name, zeta=zeta, target=targets[index], pruned=pruned, grown=grown,
                 fallbacks=fallbacks, connections=layer.nnz, density=layer.density,
@@ -263,21 +284,20 @@ class Rewirer:
             return None
         layer = self.layers[index][1]
         successor = self._successors[index]
-        if not isinstance(successor, SparseLinear):  # dense next layer, or a network output
-            return torch.ones(layer.out_features, dtype=torch.bool)
-        return torch.bincount(successor.edge_index()[1].cpu(), minlength=successor.in_features) > 0
+        if not isinstance(successor, SparseLayer):  # dense next layer, or a network output
+            return torch.ones(layer.n_out, dtype=torch.bool)
+        return successor.input_node_degree() > 0
 
     def _rewire_layer(
         self,
-        layer: SparseLinear,
+        layer: SparseLayer,
         zeta: float,
         target: int,
         generator: torch.Generator,
-        inputs: torch.Tensor | None,
-        grad_outputs: torch.Tensor | None,
+        signal: tuple | None,
         live_outputs: torch.Tensor | None,
     ) -> tuple[int, int, int, dict[str, float]]:
-        n_in, n_out = layer.in_features, layer.out_features
+        n_in, n_out = layer.n_in, layer.n_out
         keys = layer.keys().cpu()
         values = layer.connection_values().detach().cpu()
         scores = self.prune_fn(values)
@@ -293,7 +313,8 @@ class Rewirer:
         keep = torch.ones(keys.numel(), dtype=torch.bool)
         keep[select_lowest(scores, n_prune, protected)] = False
         kept_old = keep.nonzero().squeeze(1)
-        ctx = GrowContext(n_in, n_out, keys[keep], values[keep], inputs, grad_outputs)
+        ctx = GrowContext(n_in, n_out, keys[keep], values[keep], *(signal or (None, None, None)),
+                          kernel_positions=layer.kernel_positions)
 
         # 2. grow: the strategy proposes, the shared primitive places exactly n_grow
         proposer = self.grow_fn(ctx, n_grow, **self.strategy_options)
@@ -341,12 +362,32 @@ class Rewirer:
             state[key] = value
         return state
 
-    def _layer_signals(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Each sparse layer's inputs ``[B, n_in]`` and loss gradient w.r.t. its outputs
-        ``[B, n_out]`` on ``batch`` -- all RigL needs for the dense weight gradient, which
-        :func:`~synthprune.topology.top_gradient_slots` forms in bounded chunks. Parameter
-        ``.grad`` fields are not touched."""
-        inputs, targets = batch
+    def _layer_signals(self, batch) -> dict[str, tuple]:
+        """For gradient-based growth, per sparse layer: ``(inputs [B, n_in], grad_outputs
+        [B, n_out], None)`` for a linear layer (RigL's dense gradient is formed from them in
+        bounded chunks by :func:`~synthprune.topology.top_gradient_slots`), or ``(None, None,
+        gradient [n_out, n_in])`` for a convolution. ``batch`` is ``(inputs, targets)`` or a
+        list of them: gradients are then summed over the batches (RigL's accumulation).
+        Parameter ``.grad`` fields are not touched."""
+        single = isinstance(batch, (tuple, list)) and len(batch) == 2 and all(map(torch.is_tensor, batch))
+        batches = [batch] if single else list(batch)
+        if not batches:
+            raise ValueError("gradient growth needs at least one batch")
+        parts = [self._one_batch_signals(*b) for b in batches]
+        signals = {}
+        for name, layer in self.layers:
+            pieces = [p[name] for p in parts if name in p]
+            if not pieces:
+                continue
+            if isinstance(layer, SparseLinear):
+                signals[name] = (torch.cat([x for x, _ in pieces]), torch.cat([g for _, g in pieces]), None)
+            else:
+                signals[name] = (None, None, sum(layer.weight_gradient(x, g) for x, g in pieces))
+        return signals
+
+    def _one_batch_signals(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, tuple]:
+        """Each sparse layer's input and loss gradient w.r.t. its output on one batch; linear
+        layers' flattened to ``[rows, n_in]`` / ``[rows, n_out]``."""
         captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         hooks = [
             layer.register_forward_hook(lambda m, args, out, name=name: captured.__setitem__(name, (args[0], out)))
@@ -361,11 +402,25 @@ class Rewirer:
             for hook in hooks:
                 hook.remove()
         signals = {}
+        layers = dict(self.layers)
         for name, grad in zip(names, grads, strict=True):
             x, out = captured[name]
             grad = torch.zeros_like(out) if grad is None else grad
-            signals[name] = (x.detach().reshape(-1, x.shape[-1]), grad.reshape(-1, out.shape[-1]))
+            if isinstance(layers[name], SparseLinear):
+                signals[name] = (x.detach().reshape(-1, x.shape[-1]), grad.reshape(-1, out.shape[-1]))
+            else:
+                signals[name] = (x.detach(), grad)
         return signals
+
+    def maybe_step(self, step: int, batch=None, *, compress: bool = True) -> list[LayerReport] | None:
+        """Rewire if the :class:`~synthprune.schedules.RewireSchedule` says optimizer step
+        ``step`` (the number of optimizer steps done, counted from 1) is due; returns the
+        reports, or ``None`` when nothing was done."""
+        if self.rewire_schedule is None:
+            raise ValueError("maybe_step needs a schedule: Rewirer(..., schedule=RewireSchedule(every=N))")
+        if not self.rewire_schedule.due(step):
+            return None
+        return self.step(batch=batch, compress=compress)
 
     def state_dict(self) -> dict:
         """Step count, per-layer generator states and the settings (plain tensors/containers,
@@ -376,7 +431,13 @@ class Rewirer:
             "settings": self._settings(),
             "compression": self.plan.state_dict() if self.plan else
             {"initial_counts": self._counts(), "final_counts": self._counts(), "shrink_steps_done": 0},
+            "wiring": self._wiring(),
         }
+
+    def _wiring(self) -> list[dict]:
+        """Per layer, the count and a digest of the keys: what the state belongs to."""
+        return [{"layer": name, "connections": layer.nnz, "digest": _keys_digest(layer.keys())}
+                for name, layer in self.layers]
 
     def _settings(self) -> dict:
         return {"prune": self.prune, "grow": self.grow, "zeta": self.zeta, "zeta_schedule": self.zeta_schedule,
@@ -390,12 +451,26 @@ class Rewirer:
             raise ValueError(f"rewirer state was saved with other settings (saved, current): {differ}")
         if len(state["generators"]) != len(self.generators):
             raise ValueError(f"rewirer state has {len(state['generators'])} layers, model has {len(self.generators)}")
+        saved_wiring = state.get("wiring")  # absent in states saved before 0.2
+        if saved_wiring is not None:
+            differ = [f"{now['layer']} (has {now['connections']} connections, the state was saved with "
+                      f"{then['connections']})" if now["connections"] != then["connections"] else
+                      f"{now['layer']} (same count, other connections)"
+                      for now, then in zip(self._wiring(), saved_wiring, strict=False) if now != then]
+            if differ:
+                raise ValueError(f"the model's wiring does not match this rewirer state: {', '.join(differ)}. Load "
+                                 "the model's state dict saved with it first (synthprune.load_checkpoint restores "
+                                 "model, optimizer and rewirer together, in that order)")
         for generator, g_state in zip(self.generators, state["generators"], strict=True):
             generator.set_state(g_state)
         self.step_count = int(state["step_count"])
         if "compression" in state and self.plan is not None:
             # The counts compression started from, not those of the model as (re)built.
             self.plan.load_state_dict(state["compression"])
+
+
+def _keys_digest(keys: torch.Tensor) -> str:
+    return hashlib.blake2b(keys.detach().cpu().numpy().tobytes(), digest_size=8).hexdigest()
 
 
 def _one_of(name: str, step_spelling: int | None, old_spelling: int | None, default: int | None) -> int | None:
@@ -405,14 +480,11 @@ def _one_of(name: str, step_spelling: int | None, old_spelling: int | None, defa
     return step_spelling if step_spelling is not None else old_spelling if old_spelling is not None else default
 
 
-def _check_optimizer(optimizer: torch.optim.Optimizer | None, layers: list[tuple[str, SparseLinear]]) -> None:
+def _check_optimizer(optimizer: torch.optim.Optimizer | None, layers: list[tuple[str, SparseLayer]]) -> None:
     """The optimizer must hold every sparse layer's connection Parameter: its state (momentum,
     Adam moments) is carried to the new wiring at each step. Another model's optimizer would
-    keep training the old tensors; none at all leaves stale state misaligned with the wiring."""
-    if optimizer is None:
-        warnings.warn("Rewirer without the optimizer: momentum or Adam state will not follow the rewiring (it "
-                      "would be misaligned with the new connections); pass Rewirer(model, optimizer, ...)",
-                      UserWarning, stacklevel=3)
+    keep training the old tensors."""
+    if optimizer is None:  # said explicitly: nothing trains the model
         return
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     missing = [name for name, layer in layers if id(layer.connection_parameter()) not in held]
@@ -421,19 +493,33 @@ def _check_optimizer(optimizer: torch.optim.Optimizer | None, layers: list[tuple
                          "from this model's parameters (torch.optim.SGD(model.parameters(), ...)) before the Rewirer")
 
 
-def _successors(model: nn.Module, layers: list[SparseLinear]) -> list[nn.Module | None]:
-    """The linear layer fed by each sparse layer, when the model is a plain sequence of layers
-    (:class:`SparseMLP`, an ``nn.Sequential``); ``None`` (every output neuron counts as live)
-    otherwise or for the last one."""
+def _successors(model: nn.Module, layers: list[SparseLayer]) -> list[nn.Module | None]:
+    """The weight layer fed by each sparse layer, when the model is a plain sequence of layers
+    (:class:`SparseMLP`, an ``nn.Sequential`` CNN) and the next layer's input nodes are this
+    layer's outputs one to one (features, or channels); ``None`` (every output neuron counts
+    as live) otherwise or for the last one."""
     if not isinstance(model, nn.Sequential):
         return [None] * len(layers)
-    chain = [m for m in model.modules() if isinstance(m, (SparseLinear, nn.Linear))]
+    chain = [m for m in model.modules() if isinstance(m, (SparseLayer, nn.Linear, nn.Conv1d, nn.Conv2d))]
     successors: list[nn.Module | None] = []
     for layer in layers:
         position = next(i for i, m in enumerate(chain) if m is layer)
         after = chain[position + 1] if position + 1 < len(chain) else None
-        successors.append(after if after is not None and after.in_features == layer.out_features else None)
+        successors.append(after if after is not None and _input_nodes(after) == layer.n_out else None)
     return successors
+
+
+def _input_nodes(module: nn.Module) -> int | None:
+    """Input features or channels of a weight layer (``None`` for grouped convolutions)."""
+    if isinstance(module, SparseLayer):
+        return module.input_nodes if getattr(module, "groups", 1) == 1 else None
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    return module.in_channels if module.groups == 1 else None
+
+
+def _is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
 
 
 def _last_inputs(rows: torch.Tensor, scores: torch.Tensor, live_outputs: torch.Tensor | None) -> torch.Tensor | None:
@@ -453,9 +539,9 @@ def _last_inputs(rows: torch.Tensor, scores: torch.Tensor, live_outputs: torch.T
     return protected
 
 
-def _check_kept_inputs(layer: SparseLinear, rows: torch.Tensor) -> None:
+def _check_kept_inputs(layer: SparseLayer, rows: torch.Tensor) -> None:
     """Every protected output neuron (``rows``) still has an input after the step."""
-    in_degree = torch.bincount(layer.edge_index()[0].cpu(), minlength=layer.out_features)
+    in_degree = torch.bincount(layer.edge_index()[0].cpu(), minlength=layer.n_out)
     orphaned = rows[in_degree[rows] == 0]
     if orphaned.numel():
         raise TopologyError(f"live output neurons {orphaned[:5].tolist()} lost their last input")

@@ -1,13 +1,15 @@
-"""Schedules that take the step explicitly: how much to rewire at rewiring step t
-(:class:`ZetaSchedule`) and how many connections each layer has while it shrinks
-(:class:`CompressionPlan`). Steps are the Rewirer's rewiring steps, numbered from 0."""
+"""Schedules that take the step explicitly: when to rewire, in optimizer steps
+(:class:`RewireSchedule`), how much to rewire at rewiring step t (:class:`ZetaSchedule`) and
+how many connections each layer has while it shrinks (:class:`CompressionPlan`). Apart from
+:class:`RewireSchedule`, steps are the Rewirer's rewiring steps, numbered from 0."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
-__all__ = ["ZETA_SCHEDULES", "CompressionPlan", "ZetaSchedule", "cubic_count", "zeta_at"]
+__all__ = ["ZETA_SCHEDULES", "CompressionPlan", "RewireSchedule", "ZetaSchedule", "cubic_count", "zeta_at"]
 
 ZETA_SCHEDULES = ("constant", "cosine")
 
@@ -58,7 +60,37 @@ class ZetaSchedule:
         zeta_at(0, self.zeta, self.kind, self.total_steps)  # cosine needs total_steps
 
     def at(self, step: int) -> float:
+        if self.kind == "cosine" and step >= self.total_steps:
+            warnings.warn(f"the cosine zeta schedule ended after total_steps={self.total_steps} rewiring steps: "
+                          f"zeta is 0 at step {step} and later, so nothing is rewired; give total_steps = the "
+                          "number of rewiring steps the run makes", UserWarning, stacklevel=3)
         return zeta_at(step, self.zeta, self.kind, self.total_steps)
+
+
+@dataclass(frozen=True)
+class RewireSchedule:
+    """When to rewire, in optimizer steps (rigl-torch's ``delta`` and ``T_end``): after
+    optimizer step ``s`` (counted from 1) when ``s`` is a multiple of ``every`` and, if
+    ``until`` is given, ``s < until``. Stateless: the caller passes the step."""
+
+    every: int
+    until: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.every, int) and self.every >= 1):
+            raise ValueError(f"every must be a whole number of optimizer steps >= 1, got {self.every!r}")
+        if self.until is not None and not (isinstance(self.until, int) and self.until >= 1):
+            raise ValueError(f"until must be a whole number of optimizer steps >= 1 (or None), got {self.until!r}")
+
+    def due(self, step: int) -> bool:
+        """Whether to rewire after optimizer step ``step``."""
+        return step > 0 and step % self.every == 0 and (self.until is None or step < self.until)
+
+    def count(self, total_steps: int) -> int:
+        """Rewiring steps in a run of ``total_steps`` optimizer steps (one after the last
+        step included)."""
+        last = total_steps if self.until is None else min(total_steps, self.until - 1)
+        return max(0, last) // self.every
 
 
 @dataclass

@@ -26,7 +26,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from synthprune.topology import Proposer, multinomial_with_replacement, normal_cdf, top_gradient_slots, zscore
+from synthprune.topology import (
+    Proposer,
+    multinomial_with_replacement,
+    normal_cdf,
+    top_dense_slots,
+    top_gradient_slots,
+    zscore,
+)
 
 __all__ = [
     "GrowContext",
@@ -74,11 +81,16 @@ class GrowContext:
     """What a grow strategy may look at: one layer after pruning (all tensors on CPU).
 
     Attributes:
-        n_in, n_out: layer shape (inputs, outputs).
+        n_in, n_out: the layer's weight-matrix shape (columns, rows): a convolution's is
+            ``[C_out, C_in/groups · K]`` (:class:`~synthprune.layers.SparseLayer`).
         keys: ``[nnz]`` sorted keys of the surviving connections (``row * n_in + col``).
         values: ``[nnz]`` their weights, same order.
         inputs, grad_outputs: ``[batch, n_in]`` / ``[batch, n_out]`` for gradient-based growth
-            (on the layer's device), or ``None`` when no batch was given.
+            on a linear layer (on the layer's device), or ``None``.
+        gradient: ``[n_out, n_in]`` dense ``∂L/∂W`` for gradient-based growth on a
+            convolution, or ``None``.
+        kernel_positions: matrix columns per input node (``K`` for a convolution, 1 for a
+            linear layer): column ``c·K + p`` is input channel ``c`` at kernel position ``p``.
     """
 
     n_in: int
@@ -87,12 +99,19 @@ class GrowContext:
     values: torch.Tensor
     inputs: torch.Tensor | None = None
     grad_outputs: torch.Tensor | None = None
+    gradient: torch.Tensor | None = None
+    kernel_positions: int = 1
     rows: torch.Tensor = field(init=False)
     cols: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         self.rows = self.keys // self.n_in
         self.cols = self.keys % self.n_in
+
+    @property
+    def input_nodes(self) -> int:
+        """Input features, or input channels of a convolution."""
+        return self.n_in // self.kernel_positions
 
 
 def _check_new(table: dict, kind: str, name: str, replace: bool) -> None:
@@ -256,22 +275,25 @@ def grow_random(ctx: GrowContext, count: int) -> Proposer:
 
 @register_grow("gradient", needs_gradient=True, diagnostics=top_decile_diagnostics)
 def grow_gradient(ctx: GrowContext, count: int) -> Proposer:
-    """RigL: the empty slots with the largest ``|∂L/∂w|`` on the given batch, best first."""
-    if ctx.inputs is None or ctx.grad_outputs is None:
+    """RigL: the empty slots with the largest ``|∂L/∂w|`` on the given batch(es), best first."""
+    if ctx.gradient is None and (ctx.inputs is None or ctx.grad_outputs is None):
         raise ValueError("grow='gradient' needs a batch: call rewirer.step(batch=(inputs, targets))")
     ranked: list[torch.Tensor] = []
 
     def propose(n: int, generator: torch.Generator) -> torch.Tensor:
         if not ranked or ranked[0].numel() < n:  # computed once per step unless more are asked
-            ranked[:] = [top_gradient_slots(ctx.inputs, ctx.grad_outputs, ctx.keys, n)]
+            ranked[:] = [top_dense_slots(ctx.gradient, ctx.keys, n) if ctx.gradient is not None
+                         else top_gradient_slots(ctx.inputs, ctx.grad_outputs, ctx.keys, n)]
         return ranked[0][:n]
 
     return propose
 
 
 def input_strength(ctx: GrowContext) -> torch.Tensor:
-    """``s_i = Σ_j |w_ji|`` for each input-side neuron i: ``[n_in]``."""
-    return torch.zeros(ctx.n_in, dtype=ctx.values.dtype).index_add_(0, ctx.cols, ctx.values.abs())
+    """``s_i = Σ_j |w_ji|`` for each input-side node i: ``[input_nodes]`` (a convolution's input
+    channel sums over its kernel positions too)."""
+    return torch.zeros(ctx.input_nodes, dtype=ctx.values.dtype).index_add_(
+        0, ctx.cols // ctx.kernel_positions, ctx.values.abs())
 
 
 def output_strength(ctx: GrowContext) -> torch.Tensor:
@@ -281,8 +303,8 @@ def output_strength(ctx: GrowContext) -> torch.Tensor:
 
 def _free_in_block(ctx: GrowContext, starts: torch.Tensor, ends: torch.Tensor) -> int:
     """Empty slots between the chosen start (input) and end (output) nodes (boolean masks)."""
-    occupied = int((starts[ctx.cols] & ends[ctx.rows]).sum())
-    return int(starts.sum()) * int(ends.sum()) - occupied
+    occupied = int((starts[ctx.cols // ctx.kernel_positions] & ends[ctx.rows]).sum())
+    return int(starts.sum()) * ctx.kernel_positions * int(ends.sum()) - occupied
 
 
 @register_grow("synthesis", diagnostics=top_decile_diagnostics)
@@ -302,6 +324,10 @@ def grow_synthesis(
     and weak ones stay possible; ``"tail"`` draws uniformly among outputs with z ≥ ``kappa_end``,
     relaxing κ by 0.5 until the start × endpoint block has ``count`` free slots. Work and memory
     are O(n_in + n_out + nnz + count): no dense score matrix is ever formed.
+
+    On a convolution the nodes are channels: an input channel's strength sums ``|w|`` over
+    every output channel and kernel position, start channels and endpoint (output) channels
+    are drawn as above, and the kernel position of each new weight is drawn uniformly.
     """
     if endpoint not in ("cdf", "tail"):
         raise ValueError(f"unknown endpoint {endpoint!r}; valid: cdf, tail")
@@ -331,6 +357,8 @@ def grow_synthesis(
     def propose(n: int, generator: torch.Generator) -> torch.Tensor:
         starts = multinomial_with_replacement(start_p, n, generator)
         ends = multinomial_with_replacement(end_p, n, generator)
+        if ctx.kernel_positions > 1:  # a convolution: a uniform kernel position in the start channel
+            starts = starts * ctx.kernel_positions + torch.randint(0, ctx.kernel_positions, (n,), generator=generator)
         return ends * ctx.n_in + starts
 
     return propose
@@ -344,5 +372,5 @@ def grown_share_at_top_decile(ctx: GrowContext, new_keys: torch.Tensor) -> float
         return float("nan")
     s = input_strength(ctx).float()  # quantile() takes float32/64 only (half-precision models)
     threshold = torch.quantile(s, 0.9)
-    return float((s[new_keys % ctx.n_in] >= threshold).float().mean())
+    return float((s[new_keys % ctx.n_in // ctx.kernel_positions] >= threshold).float().mean())
 

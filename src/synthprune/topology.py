@@ -31,6 +31,7 @@ __all__ = [
     "random_keys",
     "sample_free",
     "select_lowest",
+    "top_dense_slots",
     "top_gradient_slots",
     "uniform_count",
     "unique_in_order",
@@ -289,6 +290,19 @@ def top_gradient_slots(
     order = torch.sort(best_scores, descending=True, stable=True).indices
     best_keys, best_scores = best_keys[order], best_scores[order]
     return best_keys[best_scores >= 0].cpu()
+
+
+def top_dense_slots(gradient: torch.Tensor, existing: torch.Tensor, count: int) -> torch.Tensor:
+    """Keys of the ``count`` free slots with the largest ``|gradient|`` (``[n_out, n_in]``,
+    formed whole: for layers small enough to hold it, such as convolutions), best first."""
+    if count <= 0:
+        return torch.empty(0, dtype=_LONG)
+    scores = gradient.detach().abs().reshape(-1).float().cpu()
+    scores[existing] = -1.0  # |grad| >= 0, so existing slots lose
+    values, keys = torch.topk(scores, min(count, scores.numel()))
+    order = torch.sort(values, descending=True, stable=True).indices
+    keys, values = keys[order], values[order]
+    return keys[values >= 0]
 
 
 # --------------------------------------------------------------------------- invariants
