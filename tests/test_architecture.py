@@ -9,9 +9,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "synthprune"
 
 # docs/DESIGN.md §3.1, from the bottom up: a module imports only modules before it.
-ORDER = ["topology", "files", "data", "compression", "schedules", "strategies", "layers", "conv", "models", "residual",
-         "rewiring", "config", "rundir", "runs", "wiring", "plots", "compare", "export", "bench", "distributed",
-         "train", "experiments", "cli"]
+ORDER = ["topology", "files", "data", "compression", "schedules", "strategies", "layers", "conv", "models",
+         "residual", "rewiring", "checkpoint", "config", "rundir", "runs", "wiring", "plots", "compare", "export",
+         "bench", "distributed", "train", "experiments", "cli"]
 
 
 def imports(module: str) -> set[str]:

@@ -6,14 +6,22 @@ baselines, on PyTorch. The public API::
     model = synthprune.SparseMLP([784, 1000, 1000, 1000, 10], epsilon=20, backend="csr")
     rewirer = synthprune.Rewirer(model, optimizer, prune="set", grow="synthesis", zeta=0.3)
     ...  # train; after each epoch:
-    rewirer.step()
+    rewirer.step()                       # or rewirer.maybe_step(step) with a RewireSchedule
+
+Convolutions: ``sparsify(model, density=0.2)`` makes ``nn.Conv2d``/``nn.Conv1d`` sparse too.
+Your own loop: ``save_checkpoint``/``load_checkpoint``, ``rewire_ddp`` under DDP, and
+``synthprune.lightning.Rewiring`` for Lightning.
 """
 
-from synthprune.layers import BACKENDS, CSRLinear, MaskedLinear, SparseLinear
+from synthprune.checkpoint import load_checkpoint, save_checkpoint
+from synthprune.conv import SparseConv1d, SparseConv2d
+from synthprune.distributed import rewire_ddp
+from synthprune.layers import BACKENDS, CSRLinear, MaskedLinear, SparseLayer, SparseLinear
 from synthprune.models import SparseMLP, sparse_layers, sparsify
 from synthprune.residual import ResidualMLP, ResidualSummary, load_residual, residual_network, save_residual
 from synthprune.rewiring import LayerReport, Rewirer
 from synthprune.runs import load_run_model
+from synthprune.schedules import RewireSchedule
 from synthprune.strategies import list_strategies, register_grow, register_prune
 from synthprune.topology import TopologyError
 
@@ -37,17 +45,24 @@ __all__ = [
     "MaskedLinear",
     "ResidualMLP",
     "ResidualSummary",
+    "RewireSchedule",
     "Rewirer",
+    "SparseConv1d",
+    "SparseConv2d",
+    "SparseLayer",
     "SparseLinear",
     "SparseMLP",
     "TopologyError",
     "__version__",
     "list_strategies",
+    "load_checkpoint",
     "load_residual",
     "load_run_model",
     "register_grow",
     "register_prune",
     "residual_network",
+    "rewire_ddp",
+    "save_checkpoint",
     "save_residual",
     "similarity",
     "similarity_matrix",

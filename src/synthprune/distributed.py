@@ -33,10 +33,27 @@ from torch import nn
 from synthprune.models import sparse_layers
 
 __all__ = [
-    "SINGLE", "Ranks", "SynchronizationError", "all_max", "all_sum", "any_rank", "check_synchronized", "device_for",
-    "gather", "launch_local", "leave", "on_main", "seed_rank", "shard", "shared_error", "start", "stop",
+    "SINGLE",
+    "Ranks",
+    "SynchronizationError",
+    "all_max",
+    "all_sum",
+    "any_rank",
+    "check_synchronized",
+    "device_for",
+    "gather",
+    "launch_local",
+    "leave",
+    "on_main",
+    "rewire_ddp",
+    "seed_rank",
+    "shard",
+    "shared_error",
+    "start",
+    "stop",
     "synchronized_digests",
-    "unwrap", "wrap",
+    "unwrap",
+    "wrap",
 ]
 
 T = TypeVar("T")
@@ -296,6 +313,56 @@ def unwrap(net: nn.Module) -> nn.Module:
             del net
             gc.collect()
     return model
+
+
+def rewire_ddp(net: nn.Module, rewirer, batch=None, *, compress: bool = True, check: bool = True):
+    """One rewiring step of a model trained under ``DistributedDataParallel``, from your own
+    loop; returns ``(the wrapper to train with from now on, the layer reports)``::
+
+        ddp = DistributedDataParallel(model)
+        rewirer = synthprune.Rewirer(ddp, optimizer, grow="synthesis", compress_to=0.05, ...)
+        ...
+        ddp, reports = synthprune.rewire_ddp(ddp, rewirer)      # instead of rewirer.step()
+
+    A step that changes a layer's number of connections swaps in a new tensor, which DDP's
+    reducer (it holds every parameter) would block; so the wrapper is taken apart first and a
+    new one is built around the same module with the same settings (process group, devices,
+    buckets, buffer and unused-parameter options). Every rank must call it with the same
+    ``batch`` (gradient growth): ranks then decide alike. ``check`` compares digests of the
+    wiring, values and optimizer state across ranks and raises :class:`SynchronizationError`
+    if they differ. A model that is not wrapped is simply rewired."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(net, DistributedDataParallel):
+        return net, rewirer.step(batch=batch, compress=compress)
+    settings = _ddp_settings(net)
+    model = unwrap(net)
+    reports = rewirer.step(batch=batch, compress=compress)
+    if check:
+        group = settings["process_group"]
+        mine = synchronized_digests(model, rewirer.optimizer)
+        everyone: list = [None] * torch.distributed.get_world_size(group)
+        torch.distributed.all_gather_object(everyone, mine, group=group)
+        differing = sorted({key for other in everyone for key in mine if other.get(key) != mine[key]})
+        if differing:
+            raise SynchronizationError(f"ranks disagree after rewiring step {rewirer.step_count - 1} on "
+                                       f"{', '.join(differing)}: give every rank the same batch and seed")
+    return DistributedDataParallel(model, **settings), reports
+
+
+def _ddp_settings(net: nn.Module) -> dict:
+    """The constructor arguments a DistributedDataParallel was built with (those it keeps)."""
+    params = inspect.signature(type(net).__init__).parameters
+    settings = {"device_ids": net.device_ids or None, "output_device": net.output_device, "dim": net.dim,
+                "process_group": net.process_group, "bucket_cap_mb": net.bucket_bytes_cap / (1024 * 1024),
+                "find_unused_parameters": net.find_unused_parameters,
+                "gradient_as_bucket_view": net.gradient_as_bucket_view, "static_graph": net.static_graph}
+    # torch >= 2.12 calls the buffer option forward_sync_buffers; earlier, broadcast_buffers.
+    if "forward_sync_buffers" in params and hasattr(net, "forward_sync_buffers"):
+        settings["forward_sync_buffers"] = net.forward_sync_buffers
+    elif hasattr(net, "broadcast_buffers"):
+        settings["broadcast_buffers"] = net.broadcast_buffers
+    return settings
 
 
 def _digest(*tensors: torch.Tensor) -> str:

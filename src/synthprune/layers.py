@@ -386,7 +386,13 @@ class CSRLinear(SparseLinear):
             # would leave it stale and the next backward would fail. Swapping in a fresh
             # tensor keeps the Parameter object (the optimizer's key) and drops the cache.
             fresh = nn.Parameter(values, requires_grad=self.values.requires_grad)
-            torch.utils.swap_tensors(self.values, fresh)
+            try:
+                torch.utils.swap_tensors(self.values, fresh)
+            except RuntimeError as exc:
+                raise RuntimeError(
+                    f"cannot resize this layer's connections ({exc}): something else holds them. Under "
+                    "DistributedDataParallel, rewire with `ddp, reports = synthprune.rewire_ddp(ddp, rewirer)`, "
+                    "which rebuilds the wrapper") from None
         self._index_from_keys(keys)
 
     def carry_over(self, old: torch.Tensor, kept_old: torch.Tensor, kept_new: torch.Tensor) -> torch.Tensor:

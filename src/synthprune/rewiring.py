@@ -203,13 +203,18 @@ class Rewirer:
                 raise ValueError("compress_to needs compress_end_step (the last shrinking step) or total_steps")
             end = self.total_steps - 1
         shapes = [LayerShape(name, layer.n_in, layer.n_out, layer.nnz) for name, layer in self.layers]
-        self.plan = CompressionPlan([s.count for s in shapes], final_counts(shapes, compress_to, scope), start, end)
+        resuming = ("Resuming a compressed run? Load the rewirer's state (synthprune.load_checkpoint, or "
+                    "rewirer.load_state_dict) instead of starting over")
+        try:
+            finals = final_counts(shapes, compress_to, scope)
+        except ValueError as exc:
+            raise ValueError(f"{exc}. {resuming}" if "only shrinks" in str(exc) else str(exc)) from None
+        self.plan = CompressionPlan([s.count for s in shapes], finals, start, end)
         growing = [f"{s.name} ({s.count} -> {final})" for s, final in zip(shapes, self.plan.final_counts, strict=True)
                    if final > s.count]
         if growing:
             raise ValueError(f"compress_to={compress_to!r} would grow {', '.join(growing)} connections: the model "
-                             "is already below the target. Resuming a compressed run? Load the rewirer's state "
-                             "(synthprune.load_checkpoint, or rewirer.load_state_dict) instead of starting over")
+                             f"is already below the target. {resuming}")
         self._successors = _successors(self.model, [layer for _, layer in self.layers])
 
     @property
