@@ -75,8 +75,7 @@ def test_a_rewirer_state_for_another_wiring_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"compression only shrinks\. Resuming a compressed run\? Load the rewirer"):
         synthprune.Rewirer(fresh, fresh_optimizer, grow="gradient", compress_to=0.1, compress_end_step=3)
     with pytest.raises(ValueError, match=r"would grow fc1 .* Load the rewirer's state"):
-        synthprune.Rewirer(fresh, fresh_optimizer, grow="gradient", compress_to=0.1, compress_scope="layer",
-                           compress_end_step=3)
+        synthprune.Rewirer(fresh, fresh_optimizer, grow="gradient", compress_to={"fc1": 100}, compress_end_step=3)
 
 
 def test_a_checkpoint_that_is_not_one_is_refused_by_name(tmp_path):
