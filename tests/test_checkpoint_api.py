@@ -73,7 +73,7 @@ def test_a_rewirer_state_for_another_wiring_is_refused(tmp_path):
     # Restoring the model first and then building a new compressing Rewirer: refused, not regrown.
     fresh.load_state_dict(model.state_dict())
     with pytest.raises(ValueError, match=r"compression only shrinks\. Resuming a compressed run\? Load the rewirer"):
-        synthprune.Rewirer(fresh, fresh_optimizer, grow="gradient", compress_to=0.1, compress_end_step=3)
+        synthprune.Rewirer(fresh, fresh_optimizer, grow="gradient", compress_to=0.2, compress_end_step=3)
     with pytest.raises(ValueError, match=r"would grow fc1 .* Load the rewirer's state"):
         synthprune.Rewirer(fresh, fresh_optimizer, grow="gradient", compress_to={"fc1": 100}, compress_end_step=3)
 
