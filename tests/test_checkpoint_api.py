@@ -74,8 +74,20 @@ def test_a_rewirer_state_for_another_wiring_is_refused(tmp_path):
     fresh.load_state_dict(model.state_dict())
     with pytest.raises(ValueError, match=r"compression only shrinks\. Resuming a compressed run\? Load the rewirer"):
         synthprune.Rewirer(fresh, fresh_optimizer, grow="gradient", compress_to=0.2, compress_end_step=3)
-    with pytest.raises(ValueError, match=r"would grow fc1 .* Load the rewirer's state"):
+    with pytest.raises(ValueError, match=r"fc1 100 connections, more than the 46 it starts.* Load the rewirer"):
         synthprune.Rewirer(fresh, fresh_optimizer, grow="gradient", compress_to={"fc1": 100}, compress_end_step=3)
+
+
+def test_a_model_restored_under_a_fresh_rewirer_is_never_regrown():
+    model, _, rewirer = _build("mlp")
+    for _ in range(3):
+        rewirer.step(batch=(torch.randn(8, 16), torch.randint(0, 3, (8,))))
+    fresh, _, fresh_rewirer = _build("mlp")  # its plan starts from the initial counts
+    fresh.load_state_dict(model.state_dict())  # ...but the model is restored alone
+    counts = [layer.nnz for _, layer in synthprune.sparse_layers(fresh)]
+    with pytest.raises(ValueError, match=r"would regrow fc1 \(46 -> \d+\).*load_checkpoint"):
+        fresh_rewirer.step(batch=(torch.randn(8, 16), torch.randint(0, 3, (8,))))
+    assert [layer.nnz for _, layer in synthprune.sparse_layers(fresh)] == counts
 
 
 def test_a_checkpoint_that_is_not_one_is_refused_by_name(tmp_path):

@@ -210,11 +210,6 @@ class Rewirer:
         except ValueError as exc:
             raise ValueError(f"{exc}. {resuming}" if "only shrinks" in str(exc) else str(exc)) from None
         self.plan = CompressionPlan([s.count for s in shapes], finals, start, end)
-        growing = [f"{s.name} ({s.count} -> {final})" for s, final in zip(shapes, self.plan.final_counts, strict=True)
-                   if final > s.count]
-        if growing:
-            raise ValueError(f"compress_to={compress_to!r} would grow {', '.join(growing)} connections: the model "
-                             f"is already below the target. {resuming}")
         self._successors = _successors(self.model, [layer for _, layer in self.layers])
 
     @property
@@ -259,6 +254,12 @@ class Rewirer:
         zeta = self.current_zeta()
         shrinking = self.targets(compress)
         targets = shrinking or [layer.nnz for _, layer in self.layers]
+        regrowing = [f"{name} ({layer.nnz} -> {target})"
+                     for (name, layer), target in zip(self.layers, targets, strict=True) if target > layer.nnz]
+        if regrowing:  # compression never grows: the plan is another wiring's
+            raise ValueError(f"this compression step would regrow {', '.join(regrowing)}: the model's wiring was "
+                             "replaced (a state dict loaded?) without the rewirer's state. Restore both together "
+                             "(synthprune.load_checkpoint, or rewirer.load_state_dict after the model's)")
         reports: list[LayerReport] = []
         # Last layer first: which of a layer's output neurons are live depends on the next
         # layer's final wiring for this step.
