@@ -168,7 +168,7 @@ def test_list_names_strategies(capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--preset", "cifar-mlp"], "unknown preset 'cifar-mlp'; valid: fmnist-mlp, digits-mlp"),
+        (["--preset", "cifar-mlp"], "unknown preset 'cifar-mlp'; valid: fmnist-mlp, fmnist-cnn, digits-mlp"),
         (["--zeta", "1.5"], r"zeta must be in (0, 1), got 1.5"),
         (["--epochs", "0"], "epochs must be >= 1, got 0"),
         (["--epochs", "many"], "Invalid value for '--epochs'"),

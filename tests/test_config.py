@@ -20,7 +20,8 @@ from synthprune.config import (
 def test_presets_resolve_and_the_reference_is_the_default():
     assert load_config() == TrainConfig().validate()
     digits = load_config("digits-mlp")
-    assert digits.dataset == "digits" and digits.hidden == [128, 128] and set(PRESETS) == {"fmnist-mlp", "digits-mlp"}
+    assert digits.dataset == "digits" and digits.hidden == [128, 128]
+    assert set(PRESETS) == {"fmnist-mlp", "fmnist-cnn", "digits-mlp"}
 
 
 def test_values_are_typed_and_yaml_strings_of_numbers_are_numbers():

@@ -75,7 +75,23 @@ def test_validation_is_held_out_once_and_is_the_same_for_a_seed(n, fraction):
 def test_the_rewirer_of_a_config_counts_steps_from_zero():
     config = load_config("digits-mlp", epochs=6, compress_to=0.05, compress_start=2, compress_end=4)
     model = build_model(config, 64, 10)
-    rewirer = build_rewirer(config, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    rewirer = build_rewirer(config, model, torch.optim.SGD(model.parameters(), lr=0.1), 1437)
     assert (rewirer.compress_start, rewirer.compress_end) == (1, 3)  # after epochs 2..4 = steps 1..3
+    assert rewirer.total_steps == 5 and rewirer.rewire_schedule is None
     dense = load_config("digits-mlp", backend="dense")
-    assert build_rewirer(dense, build_model(dense, 64, 10), None) is None
+    assert build_rewirer(dense, build_model(dense, 64, 10), None, 1437) is None
+
+
+def test_step_based_rewiring_maps_compression_epochs_to_the_steps_inside_them():
+    # 1437 examples in batches of 32: 45 optimizer steps per epoch, 270 in 6 epochs.
+    config = load_config("digits-mlp", epochs=6, compress_to=0.05, compress_start=2, compress_end=4, rewire_every=20)
+    model = build_model(config, 64, 10)
+    rewirer = build_rewirer(config, model, torch.optim.SGD(model.parameters(), lr=0.1), 1437)
+    assert rewirer.rewire_schedule.every == 20 and rewirer.total_steps == 13  # steps 20, 40, ..., 260
+    # epoch 2 holds steps 46..90: the 3rd rewiring (60) is its first; epoch 4 ends at step 180: the 9th
+    assert (rewirer.compress_start, rewirer.compress_end) == (2, 8)
+    until = load_config("digits-mlp", epochs=6, rewire_until=100)  # per epoch: after epochs 1 and 2 only
+    assert build_rewirer(until, build_model(until, 64, 10), None, 1437).total_steps == 2
+    with pytest.raises(ValueError, match=r"rewire_every.*leaves no rewiring step"):
+        none_left = load_config("digits-mlp", epochs=2, rewire_every=500)
+        build_rewirer(none_left, build_model(none_left, 64, 10), None, 1437)

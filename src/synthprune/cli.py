@@ -97,8 +97,12 @@ def train(
     prune: Annotated[str | None, typer.Option(help="Prune criterion: " + ", ".join(list_strategies()["prune"])
                                               + ".")] = None,
     epsilon: Annotated[float | None, typer.Option(help="Erdős–Rényi ε: ε·(n_in+n_out) connections per layer.")] = None,
-    zeta: Annotated[float | None, typer.Option(help="Fraction rewired after each epoch, in (0, 1).")] = None,
+    zeta: Annotated[float | None, typer.Option(help="Fraction rewired at each rewiring step, in (0, 1).")] = None,
     zeta_schedule: Annotated[str | None, typer.Option(help="constant or cosine.")] = None,
+    rewire_every: Annotated[int | None, typer.Option(
+        min=1, help="Rewire after every N optimizer steps (default: after each epoch).")] = None,
+    rewire_until: Annotated[int | None, typer.Option(
+        min=1, help="No rewiring at or after this optimizer step (RigL's T_end; default: the end).")] = None,
     endpoint: Annotated[str | None, typer.Option(help="Synthesis endpoint rule: cdf or tail.")] = None,
     compress_to: Annotated[str | None, typer.Option(
         help="Shrink the sparse layers during training to this density (below 1, e.g. 0.01) or connection "
@@ -152,6 +156,7 @@ def train(
 
     overrides = dict(
         grow=grow, prune=prune, epsilon=epsilon, zeta=zeta, zeta_schedule=zeta_schedule, endpoint=endpoint,
+        rewire_every=rewire_every, rewire_until=rewire_until,
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, backend=backend, device=device,
         limit_train=limit_train, data_dir=str(data_dir) if data_dir else None, compress_to=compress_to,
         compress_scope=compress_scope, compress_start=compress_start, compress_end=compress_end,

@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 TRAIN_BACKENDS = (*BACKENDS, "dense")
+MODELS = ("mlp", "cnn")
 MAX_SEED = 2**32 - 1  # the data order seeds a generator with seed·100003 + epoch: keep it in 64 bits
 SYNTHESIS_FIELDS = ("endpoint", "kappa_start", "kappa_end")  # synthesis options with fields of their own
 
@@ -58,17 +59,22 @@ class TrainConfig:
     dataset: str = "fashion-mnist"  # fashion-mnist | digits
     data_dir: str | None = None  # folder with the IDX files (default: Debian's dataset-fashion-mnist)
     limit_train: int | None = None  # train on the first N examples only (quick runs)
+    model: str = "mlp"  # mlp | cnn (LeNet-5-like: 5x5 convolutions with 2x2 pooling, then the hidden layers)
+    channels: list[int] = field(default_factory=lambda: [6, 16])  # cnn: channels of each convolution
     hidden: list[int] = field(default_factory=lambda: [1000, 1000, 1000])  # hidden layer widths
     activation: str = "relu"
     dropout: float = 0.3  # after every hidden activation
     backend: str = "csr"  # csr | masked | dense (the dense baseline: no sparsity, no rewiring)
     epsilon: float = 20.0  # Erdős–Rényi: ε·(n_in+n_out) connections per sparse layer
+    density: float | None = None  # instead of epsilon: this density in every sparse layer
     dense_output: bool = True  # keep the output layer dense (as SET's code does)
     init: str = "sparse_kaiming"  # weight init: sparse_kaiming | dense_default
     prune: str = "set"  # prune criterion
     grow: str = "synthesis"  # grow strategy; none = static sparse
     zeta: float = 0.3  # fraction of connections rewired after each epoch
     zeta_schedule: str = "constant"  # constant | cosine
+    rewire_every: int | None = None  # rewire after every N optimizer steps (default: after each epoch)
+    rewire_until: int | None = None  # no rewiring at or after this optimizer step (RigL's T_end)
     endpoint: str = "cdf"  # synthesis: endpoint rule, cdf | tail (also grow_options: {endpoint: tail})
     kappa_start: float = 0.0  # synthesis: start nodes need strength z-score >= this
     kappa_end: float = 1.0  # synthesis (tail): endpoints need z-score >= this
@@ -139,7 +145,8 @@ class TrainConfig:
         ``self`` with ``compress_to`` normalised (a whole count becomes an ``int``)."""
         strategies = list_strategies()
         choices = {
-            "dataset": DATASETS, "backend": TRAIN_BACKENDS, "activation": tuple(ACTIVATIONS), "init": INITS,
+            "dataset": DATASETS, "model": MODELS, "backend": TRAIN_BACKENDS, "activation": tuple(ACTIVATIONS),
+            "init": INITS,
             "prune": tuple(strategies["prune"]), "grow": tuple(strategies["grow"]),
             "zeta_schedule": ZETA_SCHEDULES, "endpoint": ("cdf", "tail"), "compress_scope": COMPRESS_SCOPES,
         }
@@ -162,14 +169,19 @@ class TrainConfig:
             ("seed", 0 <= self.seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
             ("hidden", isinstance(self.hidden, list) and len(self.hidden) >= 1
              and all(_is_int(h) and h >= 1 for h in self.hidden), "a list of whole widths >= 1, e.g. [1000, 1000]"),
+            ("channels", isinstance(self.channels, list) and len(self.channels) >= 1
+             and all(_is_int(c) and c >= 1 for c in self.channels), "a list of channel counts >= 1, e.g. [6, 16]"),
+            ("density", self.density is None or 0 < self.density <= 1, "in (0, 1]"),
+            ("rewire_every", self.rewire_every is None or self.rewire_every >= 1, ">= 1 optimizer steps"),
+            ("rewire_until", self.rewire_until is None or self.rewire_until >= 1, ">= 1 optimizer steps"),
             ("validation_split", self.validation_split is None or 0 <= self.validation_split < 1, "in [0, 1)"),
             ("accuracy_guard", self.accuracy_guard is None or self.accuracy_guard > 0, "> 0 (accuracy points)"),
         ]
         for name, ok, rule in checks:
             if not ok:
                 raise ConfigError(name, f"must be {rule}, got {getattr(self, name)!r}")
-        for name in ("epsilon", "zeta", "lr", "momentum", "weight_decay", "dropout", "kappa_start", "kappa_end",
-                     "accuracy_guard", "validation_split"):
+        for name in ("epsilon", "density", "zeta", "lr", "momentum", "weight_decay", "dropout", "kappa_start",
+                     "kappa_end", "accuracy_guard", "validation_split"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ConfigError(name, f"must be a finite number, got {value!r}")
@@ -229,6 +241,8 @@ PRESETS: dict[str, dict] = {
     # DESIGN §5 exactly: the reference experiment.
     "fmnist-mlp": {},
     # A small, fast set-up for tests and quick checks (scikit-learn's 8x8 digits).
+    # A LeNet-5-like CNN on Fashion-MNIST: its convolutions and hidden layers 20% dense.
+    "fmnist-cnn": {"model": "cnn", "channels": [6, 16], "hidden": [120, 84], "density": 0.2, "dropout": 0.0},
     "digits-mlp": {
         "dataset": "digits", "hidden": [128, 128], "epsilon": 5.0, "dropout": 0.0,
         "epochs": 10, "batch_size": 32, "lr": 0.05,

@@ -14,7 +14,10 @@ from synthprune.conv import SparseConv1d, SparseConv2d
 from synthprune.layers import DenseLinear, SparseLayer, SparseLinear, check_backend, initial_values
 from synthprune.topology import er_count, erk_counts, uniform_count
 
-__all__ = ["ACTIVATIONS", "CONVOLUTIONS", "DISTRIBUTIONS", "SparseMLP", "linear_layers", "sparse_layers", "sparsify"]
+__all__ = [
+    "ACTIVATIONS", "CONVOLUTIONS", "DISTRIBUTIONS", "SparseCNN", "SparseMLP", "linear_layers", "sparse_layers",
+    "sparsify", "weight_layers", "weight_slots",
+]
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -26,6 +29,18 @@ ACTIVATIONS = {
     "leaky_relu": nn.LeakyReLU,
 }
 DISTRIBUTIONS = ("er", "uniform", "erk")
+
+
+def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``[(name, layer)]`` for every sparse or dense linear and convolution layer, in module
+    order: the layers whose weights count as connections."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, (SparseLayer, nn.Linear, nn.Conv1d, nn.Conv2d))]
+
+
+def weight_slots(layer: nn.Module) -> int:
+    """Connections a layer would have if dense (a sparse layer's ``n_in·n_out``)."""
+    return layer.n_in * layer.n_out if isinstance(layer, SparseLayer) else layer.weight.numel()
 
 
 def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -155,6 +170,60 @@ class SparseMLP(nn.Sequential):
     def from_config(cls, config: dict, seed: int | None = None) -> SparseMLP:
         settings = dict(config)
         return cls(settings.pop("sizes"), seed=seed, **settings)
+
+
+class SparseCNN(nn.Sequential):
+    """A LeNet-5-like network on ``[batch, H·W]`` (flattened single-channel images) or
+    ``[batch, 1, H, W]`` inputs, with sparse convolutions and sparse hidden linear layers.
+
+    ``unflatten``, then per entry of ``channels`` a 5×5 convolution (``conv1..``), the
+    activation and 2×2 max pooling; ``flatten``; then ``fc1..fcN`` through ``hidden`` to
+    ``n_classes`` as in :class:`SparseMLP`. The first convolution pads by 2 (LeNet-5 on
+    28×28); the later ones pad only when the maps are smaller than 8 pixels. Sparsity is
+    given as for :func:`sparsify` (``epsilon`` or ``density``); ``dense_output`` keeps the
+    last layer dense. ``sizes`` is ``[H·W, *hidden, n_classes]``.
+    """
+
+    def __init__(self, image_shape: Sequence[int], n_classes: int, *, channels: Sequence[int] = (6, 16),
+                 hidden: Sequence[int] = (120, 84), epsilon: float | None = None, density: float | None = None,
+                 distribution: str | None = None, backend: str = "csr", activation: str = "relu",
+                 dropout: float = 0.0, dense_output: bool = True, init: str = "sparse_kaiming",
+                 seed: int | None = None, sparse: bool = True) -> None:
+        height, width = (int(v) for v in image_shape)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
+        if not channels or min(channels) < 1:
+            raise ValueError(f"channels must list >= 1 positive channel counts, got {list(channels)}")
+        generator_state = torch.get_rng_state()
+        if seed is not None:
+            torch.manual_seed(seed)  # the dense layers' own init, before sparsify replaces them
+        modules: OrderedDict[str, nn.Module] = OrderedDict(unflatten=nn.Unflatten(1, (1, height, width)))
+        side_h, side_w, previous = height, width, 1
+        for i, count in enumerate(channels, start=1):
+            padding = 2 if i == 1 or min(side_h, side_w) < 8 else 0  # unpadded, it would end below 4
+            modules[f"conv{i}"] = nn.Conv2d(previous, count, 5, padding=padding)
+            modules[f"act_conv{i}"] = ACTIVATIONS[activation]()
+            modules[f"pool{i}"] = nn.MaxPool2d(2)
+            side_h, side_w = (side_h + 2 * padding - 4) // 2, (side_w + 2 * padding - 4) // 2
+            if min(side_h, side_w) < 1:
+                raise ValueError(f"images of {height}x{width} are too small for {len(channels)} convolutions")
+            previous = count
+        modules["flatten"] = nn.Flatten()
+        sizes = [previous * side_h * side_w, *[int(h) for h in hidden], int(n_classes)]
+        for i, (n_in, n_out) in enumerate(pairwise(sizes), start=1):
+            modules[f"fc{i}"] = nn.Linear(n_in, n_out)
+            if i < len(sizes) - 1:
+                modules[f"act{i}"] = ACTIVATIONS[activation]()
+                if dropout > 0:
+                    modules[f"drop{i}"] = nn.Dropout(dropout)
+        super().__init__(modules)
+        torch.set_rng_state(generator_state)
+        if sparse:
+            if epsilon is None and density is None:
+                epsilon = 20.0
+            sparsify(self, epsilon=epsilon, density=density, distribution=distribution, backend=backend,
+                     exclude=[f"fc{len(sizes) - 1}"] if dense_output else [], init=init, seed=seed)
+        self.sizes = [height * width, *sizes[1:]]
 
 
 CONVOLUTIONS = {nn.Conv1d: SparseConv1d, nn.Conv2d: SparseConv2d}

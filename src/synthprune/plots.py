@@ -13,16 +13,19 @@ import torch
 from matplotlib.ticker import MaxNLocator
 
 from synthprune.layers import SparseLinear
-from synthprune.models import linear_layers
+from synthprune.models import weight_layers
 from synthprune.rundir import RunDir
 from synthprune.runs import load_run_model
 
 __all__ = ["accuracy_vs_connections", "input_connectivity", "plot_runs", "similarity_heatmap"]
 
 
-def input_connectivity(model: torch.nn.Module) -> torch.Tensor:
-    """Connections each input feature keeps in the first layer: ``[n_in]``."""
-    _, first = linear_layers(model)[0]
+def input_connectivity(model: torch.nn.Module) -> torch.Tensor | None:
+    """Connections each input feature keeps in the first layer: ``[n_in]``; ``None`` when the
+    first layer is a convolution (its inputs are shared by every position: no per-pixel wiring)."""
+    _, first = weight_layers(model)[0]
+    if not isinstance(first, (SparseLinear, torch.nn.Linear)):
+        return None
     if isinstance(first, SparseLinear):
         return torch.bincount(first.edge_index()[1].cpu(), minlength=first.in_features)
     return torch.full((first.in_features,), first.out_features)
@@ -41,7 +44,8 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 def plot_runs(runs: list[str | Path], out: str | Path) -> list[Path]:
     """Write ``accuracy.png``, ``connections.png`` and ``input_connectivity.png`` for one or
-    several runs (overlaid) into ``out``; returns the paths written."""
+    several runs (overlaid) into ``out``; returns the paths written. Input connectivity is
+    drawn for finished runs whose first layer is linear (not for a CNN)."""
     out = Path(out)
     records = [(Path(r).name, RunDir(r).read_metrics()) for r in runs]
     written = []
@@ -67,12 +71,12 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> list[Path]:
     axes[0][-1].legend(fontsize=7)
     written.append(_save(fig, out / "connections.png"))
 
-    finished = [Path(r) for r in runs if RunDir(r).is_finished()]
+    finished = [(Path(r), counts) for r in runs if RunDir(r).is_finished()
+                and (counts := input_connectivity(load_run_model(r)[0])) is not None]
     if finished:
         fig, axes = plt.subplots(1, len(finished), figsize=(3.6 * len(finished), 3.4), squeeze=False)
-        for ax, run in zip(axes[0], finished, strict=True):
-            model, _ = load_run_model(run)
-            counts = input_connectivity(model).float()
+        for ax, (run, counts) in zip(axes[0], finished, strict=True):
+            counts = counts.float()
             side = math.isqrt(counts.numel())
             image = counts.view(side, side) if side * side == counts.numel() else counts.view(1, -1)
             shown = ax.imshow(image.numpy(), cmap="viridis")

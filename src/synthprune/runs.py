@@ -11,6 +11,7 @@ written last, so its presence marks a finished run (:meth:`RunDir.is_finished`).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from safetensors.torch import save as safetensors_bytes
@@ -18,8 +19,8 @@ from torch import nn
 
 from synthprune.config import TrainConfig, config_from_file
 from synthprune.files import FileFormatError, atomic_write, load_safetensors, read_json
-from synthprune.layers import SparseLinear
-from synthprune.models import SparseMLP, linear_layers
+from synthprune.layers import SparseLayer, SparseLinear
+from synthprune.models import SparseCNN, SparseMLP, linear_layers, weight_layers, weight_slots
 from synthprune.residual import layer_edges, live_masks
 from synthprune.rundir import RunDir
 
@@ -46,14 +47,22 @@ def configuration_name(config: TrainConfig, prefix: str = "") -> str:
     return "-".join(parts)
 
 
-def build_model(config: TrainConfig, n_features: int, n_classes: int) -> SparseMLP:
-    """The MLP of a config; ``backend="dense"`` gives the same MLP with every layer dense."""
+def build_model(config: TrainConfig, n_features: int, n_classes: int) -> SparseMLP | SparseCNN:
+    """The network of a config (an MLP, or a CNN on square single-channel images of
+    ``n_features`` pixels); ``backend="dense"`` gives the same network with every layer dense."""
+    sparsity = ({"density": config.density} if config.density is not None else {"epsilon": config.epsilon})
+    backend = config.backend if config.sparse else "csr"
+    if config.model == "cnn":
+        side = math.isqrt(n_features)
+        if side * side != n_features:
+            raise ValueError(f"model 'cnn' needs square images; this dataset has {n_features} features per example")
+        return SparseCNN((side, side), n_classes, channels=config.channels, hidden=config.hidden, **sparsity,
+                         backend=backend, activation=config.activation, dropout=config.dropout,
+                         dense_output=config.dense_output, init=config.init, seed=config.seed, sparse=config.sparse)
     sizes = [n_features, *config.hidden, n_classes]
-    sparsity = {"density": 1.0} if not config.sparse else {"epsilon": config.epsilon}
-    return SparseMLP(
-        sizes, **sparsity, backend="csr" if not config.sparse else config.backend, activation=config.activation,
-        dropout=config.dropout, dense_output=config.dense_output, init=config.init, seed=config.seed,
-    )
+    return SparseMLP(sizes, **(sparsity if config.sparse else {"density": 1.0}), backend=backend,
+                     activation=config.activation, dropout=config.dropout, dense_output=config.dense_output,
+                     init=config.init, seed=config.seed)
 
 
 def live_neurons(model: nn.Module) -> list[int]:
@@ -67,15 +76,15 @@ def live_neurons(model: nn.Module) -> list[int]:
 
 
 def connections(model: nn.Module) -> dict[str, int]:
-    """``{layer name: connections}`` for every linear layer, in order."""
-    return {name: (m.nnz if isinstance(m, SparseLinear) else m.weight.numel()) for name, m in linear_layers(model)}
+    """``{layer name: connections}`` for every linear and convolution layer, in order."""
+    return {name: (m.nnz if isinstance(m, SparseLayer) else m.weight.numel()) for name, m in weight_layers(model)}
 
 
 def summarize(metrics: list[dict], model: nn.Module) -> dict:
     """Final and best test accuracy, connections, compression vs dense, seconds per epoch."""
     last = metrics[-1]
     per_layer = {k.removeprefix("connections_"): v for k, v in last.items() if k.startswith("connections_")}
-    dense = sum(m.in_features * m.out_features for _, m in linear_layers(model))
+    dense = sum(weight_slots(m) for _, m in weight_layers(model))
     return {
         "epochs": int(last["epoch"]),
         "final_test_accuracy": last["test_accuracy"],

@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from synthprune import distributed
-from synthprune.config import TrainConfig, config_from_file
+from synthprune.config import ConfigError, TrainConfig, config_from_file
 from synthprune.data import load_dataset
 from synthprune.distributed import Ranks
 from synthprune.files import FileFormatError
 from synthprune.rewiring import Rewirer
 from synthprune.rundir import START_AGAIN, RunDir
 from synthprune.runs import build_model, connections, live_neurons, summarize, write_final
+from synthprune.schedules import RewireSchedule
 from synthprune.wiring import save_snapshot
 
 __all__ = ["TrainingError", "build_rewirer", "fit", "split_validation"]
@@ -142,7 +143,7 @@ def _prepare(config: TrainConfig, run: RunDir, resume: bool, log: Callable[[str]
     model = build_model(config, data.x_train.shape[1], data.n_classes).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    rewirer = build_rewirer(config, model, optimizer)  # refuses an infeasible compress_to
+    rewirer = build_rewirer(config, model, optimizer, len(data.y_train))  # refuses an infeasible compress_to
     action = distributed.on_main(ranks, lambda: run.prepare(config.to_dict(), resume))
     session = Session(config, run, ranks, device, data, model, optimizer, rewirer, net=model)
     if action == "restart":
@@ -186,9 +187,10 @@ def _epoch(s: Session, epoch: int, progress: Callable[[int, int], object] | None
     n_train = len(data.y_train)
     # The data order depends only on (seed, epoch), so a resumed run sees the same batches.
     order = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+    rewiring = _StepRewiring(s, epoch) if s.rewirer is not None and config.rewire_every is not None else None
     with progress(math.ceil(n_train / config.batch_size), epoch) if progress else nullcontext() as bar:
-        loss_sum, correct, batch = _train_epoch(s.net, s.optimizer, data.x_train, data.y_train, order, config,
-                                                ranks, bar, epoch, s.run.checkpoint)
+        loss_sum, correct, batch = _train_epoch(s, order, bar, epoch, rewiring)
+    in_epoch_rewiring = rewiring.seconds if rewiring is not None else 0.0
     loss_sum, correct = distributed.all_sum([loss_sum, correct], ranks, s.device)
     train_seconds = distributed.all_max([time.perf_counter() - started], ranks, s.device)[0]
     test_accuracy = evaluate(s.model, data.x_test, data.y_test, ranks=ranks)
@@ -199,8 +201,10 @@ def _epoch(s: Session, epoch: int, progress: Callable[[int, int], object] | None
     if config.save_topology_every and config.sparse and ranks.is_main and (
             (epoch + 1) % config.save_topology_every == 0 or epoch == config.epochs - 1):
         save_snapshot(s.model, s.run.snapshot(epoch + 1), epoch=epoch + 1)  # the wiring this epoch trained
-    rewire_seconds = 0.0
-    if s.rewirer is not None and epoch < config.epochs - 1:  # no rewiring after the last epoch
+    rewire_seconds = in_epoch_rewiring
+    steps_done = (epoch + 1) * steps_per_epoch(config, n_train)
+    if (s.rewirer is not None and config.rewire_every is None and epoch < config.epochs - 1  # none after the last
+            and (config.rewire_until is None or steps_done < config.rewire_until)):
         started = time.perf_counter()
         last = batch.to(s.device)
         s.net, reports = _rewire(s.rewirer, s.net, (data.x_train[last], data.y_train[last]),
@@ -287,15 +291,47 @@ def _rewire(rewirer: Rewirer, net: nn.Module, batch: tuple[torch.Tensor, torch.T
     return distributed.wrap(model, ranks, next(model.parameters()).device), reports
 
 
-def _train_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                 order: torch.Tensor, config: TrainConfig, ranks: Ranks, bar, epoch: int,
-                 checkpoint: Path) -> tuple[float, float, torch.Tensor]:
+def steps_per_epoch(config: TrainConfig, n_train: int) -> int:
+    """Optimizer steps in one epoch (global batches)."""
+    return math.ceil(n_train / config.batch_size)
+
+
+class _StepRewiring:
+    """``--rewire-every N``: after each optimizer step the Rewirer's schedule says is due
+    (never after the run's last step), rewire on that step's global batch. The accuracy
+    guard's verdict of the previous epoch holds for this one's steps."""
+
+    def __init__(self, s: Session, epoch: int) -> None:
+        self.s, self.epoch, self.seconds = s, epoch, 0.0
+        self.per_epoch = steps_per_epoch(s.config, len(s.data.y_train))
+        self.last_step = s.config.epochs * self.per_epoch
+        self.compress = not (s.metrics and s.metrics[-1].get("compression_paused", 0))
+
+    def __call__(self, b: int, batch: torch.Tensor) -> None:
+        step = self.epoch * self.per_epoch + b + 1
+        s = self.s
+        if step >= self.last_step or not s.rewirer.rewire_schedule.due(step):
+            return
+        started = time.perf_counter()
+        index = batch.to(s.device)
+        s.net, reports = _rewire(s.rewirer, s.net, (s.data.x_train[index], s.data.y_train[index]), self.compress,
+                                 s.ranks, f"after optimizer step {step}")
+        self.seconds += time.perf_counter() - started
+        s.topology += [{"epoch": self.epoch + 1, "optimizer_step": step, **r.as_dict()} for r in reports]
+
+
+def _train_epoch(s: Session, order: torch.Tensor, bar, epoch: int,
+                 after_step: Callable[[int, torch.Tensor], None] | None) -> tuple[float, float, torch.Tensor]:
     """One pass over ``order`` in global batches of ``config.batch_size``, this rank training on
-    its shard of each. Returns (this rank's summed loss, its correct predictions, the last
-    global batch's indices)."""
+    its shard of each; ``after_step(batch number, global batch indices)`` runs after every
+    optimizer step (step-based rewiring; it may replace ``s.net``). Returns (this rank's
+    summed loss, its correct predictions, the last global batch's indices)."""
+    config, ranks, optimizer, checkpoint = s.config, s.ranks, s.optimizer, s.run.checkpoint
+    x, y = s.data.x_train, s.data.y_train
     loss_sum = correct = 0.0
     size = config.batch_size
     for b in range(math.ceil(len(order) / size)):
+        net = s.net
         batch = order[b * size : (b + 1) * size]
         index = distributed.shard(batch, ranks).to(x.device)
         xb, yb = x[index], y[index]
@@ -321,6 +357,8 @@ def _train_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
                 f"loss became non-finite ({loss.item()} here) {where}at epoch {epoch + 1}, batch {b + 1}: lower "
                 f"--lr (now {config.lr}); {kept}"), ranks)
         optimizer.step()
+        if after_step is not None:
+            after_step(b, batch)
         batch_loss = loss.item()
         loss_sum += batch_loss * len(yb)
         correct += (logits.argmax(1) == yb).sum().item()
@@ -382,16 +420,42 @@ def split_validation(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, 
     return order[: n - n_val].sort().values, order[n - n_val :].sort().values
 
 
-def build_rewirer(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> Rewirer | None:
-    """The Rewirer of a sparse config (``None`` for the dense baseline); rewiring steps are
-    numbered from 0, one after each epoch but the last."""
+def build_rewirer(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                  n_train: int) -> Rewirer | None:
+    """The Rewirer of a sparse config (``None`` for the dense baseline). Rewiring steps are
+    numbered from 0: by default one after each epoch but the last; with ``rewire_every`` one
+    after every N-th optimizer step (never after the last). Either way none at or after
+    optimizer step ``rewire_until``. Compression epochs become the rewiring steps inside them."""
     if not config.sparse:
         return None
+    per_epoch = steps_per_epoch(config, n_train)
+    if config.rewire_every is None:
+        schedule = None
+        epochs_rewired = [e for e in range(1, config.epochs)
+                          if config.rewire_until is None or e * per_epoch < config.rewire_until]
+        total = len(epochs_rewired)
+
+        def before(epoch: int) -> int:  # rewiring steps done before the one after `epoch` (1-based)
+            return sum(1 for e in epochs_rewired if e < epoch)
+
+        window = (before, lambda epoch: before(epoch + 1) - 1)
+    else:
+        schedule = RewireSchedule(config.rewire_every, config.rewire_until)
+        total = schedule.count(config.epochs * per_epoch - 1)
+        window = (lambda epoch: schedule.count((epoch - 1) * per_epoch),
+                  lambda epoch: schedule.count(min(epoch * per_epoch, config.epochs * per_epoch - 1)) - 1)
+    if total == 0 and config.rewire_every is not None:
+        raise ConfigError("rewire_every", "leaves no rewiring step in this run (with rewire_until "
+                                          f"{config.rewire_until} and {per_epoch} optimizer steps per epoch)")
     compression = {}
     if config.compress_to is not None:
         first, last = config.compress_epochs
+        start, end = window[0](first), window[1](last)
+        if end < start:
+            raise ConfigError("compress_start", f"and compress_end (epochs {first}..{last}) hold no rewiring step "
+                                                "with these rewire_every / rewire_until settings")
         compression = {"compress_to": config.compress_to, "compress_scope": config.compress_scope,
-                       "compress_start_step": first - 1, "compress_end_step": last - 1}
-    return Rewirer(model, optimizer, prune=config.prune, grow=config.grow, zeta=config.zeta,
-                   zeta_schedule=config.zeta_schedule, total_steps=max(1, config.epochs - 1), seed=config.seed,
+                       "compress_start_step": start, "compress_end_step": end}
+    return Rewirer(model, optimizer, schedule=schedule, prune=config.prune, grow=config.grow, zeta=config.zeta,
+                   zeta_schedule=config.zeta_schedule, total_steps=max(1, total), seed=config.seed,
                    **compression, **config.strategy_options())
