@@ -11,7 +11,7 @@ PACKAGE = ROOT / "src" / "synthprune"
 # docs/DESIGN.md §3.1, from the bottom up: a module imports only modules before it.
 ORDER = ["topology", "files", "data", "compression", "schedules", "strategies", "layers", "conv", "models",
          "residual", "rewiring", "checkpoint", "config", "rundir", "runs", "wiring", "plots", "compare", "export",
-         "bench", "distributed", "train", "experiments", "cli"]
+         "bench", "distributed", "lightning", "train", "experiments", "cli"]
 
 
 def imports(module: str) -> set[str]:

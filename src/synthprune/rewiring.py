@@ -107,6 +107,10 @@ class Rewirer:
             epoch e's rewiring step is e - 1.) A step called with ``compress=False`` (an
             accuracy guard) holds the count and does not advance the schedule, so a paused run
             reaches the target later.
+        state: a :meth:`state_dict` to continue from, for a model whose state dict (and so its
+            wiring, compressed or not) was restored first; the same as calling
+            :meth:`load_state_dict` after construction, except that a compression plan is taken
+            from the state rather than planned from the model's current counts.
         **strategy_options: options of the grow strategy (e.g. ``endpoint="tail"`` for
             synthesis; :func:`synthprune.strategies.grow_options` lists them).
 
@@ -140,6 +144,7 @@ class Rewirer:
         compress_end_step: int | None = None,
         compress_start: int | None = None,
         compress_end: int | None = None,
+        state: dict | None = None,
         **strategy_options,
     ) -> None:
         self.prune_fn, self.strategy = get_prune(prune), get_grow_strategy(grow)
@@ -174,7 +179,8 @@ class Rewirer:
         self.step_count = 0
         self._set_up_compression(compress_to, compress_scope, _one_of("compress_start", compress_start_step,
                                                                       compress_start, default=0),
-                                 _one_of("compress_end", compress_end_step, compress_end, default=None))
+                                 _one_of("compress_end", compress_end_step, compress_end, default=None),
+                                 (state or {}).get("compression"))
         # One independent stream per layer (SeedSequence spawning): adding a layer or a
         # strategy that draws more numbers in one layer never shifts another layer's stream.
         states = np.random.SeedSequence(seed).spawn(len(self.layers))
@@ -182,6 +188,8 @@ class Rewirer:
             torch.Generator().manual_seed(int(s.generate_state(1, np.uint64)[0] >> np.uint64(1)))
             for s in states
         ]
+        if state is not None:
+            self.load_state_dict(state)
 
     def __repr__(self) -> str:
         opts = "".join(f", {k}={v!r}" for k, v in self.strategy_options.items())
@@ -191,7 +199,8 @@ class Rewirer:
         return (f"Rewirer(prune={self.prune!r}, grow={self.grow!r}, zeta={self.zeta}, "
                 f"zeta_schedule={self.zeta_schedule!r}, layers={len(self.layers)}{opts})")
 
-    def _set_up_compression(self, compress_to, scope: str, start: int, end: int | None) -> None:
+    def _set_up_compression(self, compress_to, scope: str, start: int, end: int | None,
+                            saved: dict | None = None) -> None:
         self.compress_to, self.compress_scope = compress_to, scope
         self.plan: CompressionPlan | None = None
         if compress_to is None:
@@ -202,15 +211,18 @@ class Rewirer:
             if not self.total_steps:
                 raise ValueError("compress_to needs compress_end_step (the last shrinking step) or total_steps")
             end = self.total_steps - 1
+        self._successors = _successors(self.model, [layer for _, layer in self.layers])
+        if saved is not None:  # continuing: the plan of the run this state comes from
+            self.plan = CompressionPlan(list(saved["initial_counts"]), list(saved["final_counts"]), start, end)
+            return
         shapes = [LayerShape(name, layer.n_in, layer.n_out, layer.nnz) for name, layer in self.layers]
         resuming = ("Resuming a compressed run? Load the rewirer's state (synthprune.load_checkpoint, or "
-                    "rewirer.load_state_dict) instead of starting over")
+                    "Rewirer(..., state=saved_state)) instead of starting over")
         try:
             finals = final_counts(shapes, compress_to, scope)
         except ValueError as exc:
             raise ValueError(f"{exc}. {resuming}" if "only shrinks" in str(exc) else str(exc)) from None
         self.plan = CompressionPlan([s.count for s in shapes], finals, start, end)
-        self._successors = _successors(self.model, [layer for _, layer in self.layers])
 
     @property
     def compressing(self) -> bool:
