@@ -16,8 +16,6 @@ GROW = list_strategies()["grow"]
 PRUNE = list_strategies()["prune"]
 
 
-# Several tests rewire without an optimizer on purpose (wiring only); the warning is tested elsewhere.
-pytestmark = pytest.mark.filterwarnings("ignore:Rewirer without the optimizer")
 
 
 @pytest.mark.parametrize("backend", ["csr", "masked"])

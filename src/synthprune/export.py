@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -65,10 +66,19 @@ def export_onnx(run: str | Path, path: str | Path | None = None, opset: int = 18
     return target
 
 
-def _export(residual: ResidualMLP, target: Path, opset: int) -> None:
+def _n_features(residual: torch.nn.Module) -> int:
+    """Input features of a residual network: a ResidualMLP's, or a compact CNN's flattened
+    image (it starts with ``nn.Unflatten``) or first linear layer's."""
+    if isinstance(residual, ResidualMLP):
+        return residual.n_features
+    first = residual[0]
+    return math.prod(first.unflattened_size) if isinstance(first, torch.nn.Unflatten) else first.in_features
+
+
+def _export(residual: torch.nn.Module, target: Path, opset: int) -> None:
     """The exporter writes a file itself: it writes into a private temporary folder, and the
     bytes reach ``target`` through :func:`atomic_write` (umask modes, never half-written)."""
-    example = torch.zeros(2, residual.n_features)
+    example = torch.zeros(2, _n_features(residual))
     scratch = tempfile.TemporaryDirectory(prefix="synthprune-onnx-")
     tmp = Path(scratch.name) / "model.onnx"
     # The exporter logs and warns about things irrelevant here (torchvision ops, pytree
@@ -81,7 +91,7 @@ def _export(residual: ResidualMLP, target: Path, opset: int) -> None:
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 residual, (example,), str(tmp), input_names=["input"], output_names=["logits"],
-                dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, opset_version=opset, dynamo=True,
+                dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset, dynamo=True,
                 external_data=False, verbose=False,
             )
         atomic_write(target, tmp.read_bytes())

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from synthprune.compact import ResidualSummary, build_from_spec, compact_sequential, is_mlp, module_spec, weight_shapes
 from synthprune.files import FileFormatError, atomic_write, load_safetensors, read_json
 from synthprune.layers import CSRLinear, DenseLinear, SparseLinear
 from synthprune.models import ACTIVATIONS
@@ -41,6 +42,7 @@ __all__ = [
 
 FORMS = ("csr", "dense")
 FORMAT = "synthprune-residual"
+SEQUENTIAL_FORMAT = "synthprune-residual-sequential"  # a compact CNN (or any sequential model): synthprune.compact
 
 
 @dataclass
@@ -52,23 +54,6 @@ class _Layer:
     cols: torch.Tensor  # [nnz] input neuron of each connection
     values: torch.Tensor  # [nnz]
     bias: torch.Tensor  # [n_out]
-
-
-@dataclass
-class ResidualSummary:
-    """Before/after figures of a residual network (all counts exact)."""
-
-    neurons_before: list[int]  # per level: inputs, hidden layers..., outputs
-    neurons_after: list[int]
-    connections_before: list[int]  # per layer
-    connections_after: list[int]
-    parameters_before: int  # connections + biases of the sparse model
-    parameters_after: int
-    dense_parameters: int  # weights + biases of the dense network of the same sizes
-    folded_neurons: int  # hidden neurons without inputs folded into the next bias
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 class ResidualMLP(nn.Module):
@@ -226,15 +211,24 @@ def _reachability(edges: list[tuple[torch.Tensor, torch.Tensor] | None], widths:
 
 
 @torch.no_grad()
-def residual_network(model: nn.Module, form: str = "csr") -> tuple[ResidualMLP, ResidualSummary]:
-    """The compact network of a trained sparse MLP and what compaction removed.
+def residual_network(model: nn.Module, form: str = "csr", example_input: torch.Tensor | None = None,
+                     ) -> tuple[ResidualMLP | nn.Sequential, ResidualSummary]:
+    """The compact network of a trained sparse model and what compaction removed.
 
-    ``form="csr"`` makes the sparse layers :class:`CSRLinear`; ``"dense"`` makes them
+    A plain MLP (linear layers, activations, dropout) gives a :class:`ResidualMLP`, which also
+    drops unused inputs. Any other ``nn.Sequential`` of linear and convolution layers,
+    BatchNorm, pooling, activations, dropout and (un)flatten gives a plain ``nn.Sequential``
+    (:func:`synthprune.compact.compact_sequential`; ``example_input``, one batch, is needed
+    unless the model starts with ``nn.Unflatten``); anything else is refused naming the module.
+
+    ``form="csr"`` makes the sparse linear layers :class:`CSRLinear`; ``"dense"`` makes them
     ``nn.Linear`` (e.g. for ONNX export). Dense layers of the model stay dense. Either gives
     ``model.eval()``'s outputs to float tolerance.
     """
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; valid: {', '.join(FORMS)}")
+    if not is_mlp(model):
+        return compact_sequential(model, example_input, form)
     linears, activation_name = _mlp_parts(model)
     activation = ACTIVATIONS[activation_name]()
     layers = [_edge_list(layer) for layer in linears]
@@ -295,10 +289,17 @@ def _fill(layer: nn.Module, rows: torch.Tensor, cols: torch.Tensor, values: torc
     layer.bias.copy_(bias)
 
 
-def save_residual(residual: ResidualMLP, folder: str | Path, extra: dict | None = None) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` (sizes, kept inputs, form, ``extra``)
-    into ``folder``, atomically; returns the folder."""
+def save_residual(residual: ResidualMLP | nn.Sequential, folder: str | Path, extra: dict | None = None) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` (sizes, kept inputs, form, ``extra``; or,
+    for a compact sequential network, its modules) into ``folder``, atomically; returns it."""
     folder = Path(folder)
+    if not isinstance(residual, ResidualMLP):
+        tensors = {k: _narrow(v.detach().contiguous().cpu()) for k, v in residual.state_dict().items()}
+        atomic_write(folder / "model.safetensors", safetensors_bytes(tensors, metadata={"format": SEQUENTIAL_FORMAT}))
+        config = {"format": SEQUENTIAL_FORMAT, "version": 1, "modules": module_spec(residual),
+                  "dtype": str(next(t.dtype for t in tensors.values() if t.is_floating_point())).removeprefix("torch.")}
+        atomic_write(folder / "config.json", json.dumps({**config, **(extra or {})}, indent=2))
+        return folder
     tensors = {k: _narrow(v.detach().contiguous().cpu()) for k, v in residual.state_dict().items()}
     config = residual.config()
     atomic_write(folder / "model.safetensors", safetensors_bytes(tensors, metadata={"format": FORMAT}))
@@ -331,6 +332,8 @@ def load_residual(path: str | Path, device: str = "cpu") -> ResidualMLP:
     config_path, weights_path = folder / "config.json", folder / "model.safetensors"
     todo = "write it again with `synthprune residual RUN` (or save_residual)"
     config = read_json(config_path, todo)
+    if config.get("format") == SEQUENTIAL_FORMAT:
+        return _load_sequential(config, config_path, weights_path, todo, device)
     if config.get("format") != FORMAT:
         raise FileFormatError(config_path, f"is not a synthprune residual network (format {config.get('format')!r})",
                               todo)
@@ -346,6 +349,32 @@ def load_residual(path: str | Path, device: str = "cpu") -> ResidualMLP:
         reason = str(exc).strip().splitlines()[0][:200]
         raise FileFormatError(weights_path, f"does not match {config_path.name} ({reason})", todo) from None
     return residual.to(device).eval()
+
+
+def _load_sequential(config: dict, config_path: Path, weights_path: Path, todo: str, device: str) -> nn.Sequential:
+    """A compact sequential network: its module list checked against the tensors' shapes
+    before anything is built (a damaged config never allocates more than the file holds)."""
+    spec = config.get("modules")
+    if not (isinstance(spec, list) and spec and all(isinstance(m, dict) and "type" in m for m in spec)):
+        raise FileFormatError(config_path, "modules must be a non-empty list of module descriptions", todo)
+    tensors, _ = load_safetensors(weights_path, todo, device="cpu")
+    try:
+        expected = weight_shapes(spec)
+    except (KeyError, TypeError) as exc:
+        raise FileFormatError(config_path, f"a module description lacks {exc}", todo) from None
+    actual = {k: tuple(v.shape) for k, v in tensors.items()}
+    wrong = {k: actual.get(k) for k, shape in expected.items() if k not in actual or (shape and actual[k] != shape)}
+    if wrong or set(actual) != set(expected):
+        problem = wrong or sorted(set(actual) ^ set(expected))
+        raise FileFormatError(weights_path, f"does not match {config_path.name}: {problem}", todo)
+    try:
+        model = build_from_spec(spec)
+        model.to(next(t.dtype for t in tensors.values() if t.is_floating_point()))
+        model.load_state_dict({k: v.long() if not v.is_floating_point() else v for k, v in tensors.items()})
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise FileFormatError(weights_path, f"does not match {config_path.name} ({reason})", todo) from None
+    return model.to(device).eval()
 
 
 def _check_saved(config: dict, tensors: dict[str, torch.Tensor], path: Path, weights: Path, todo: str) -> None:
