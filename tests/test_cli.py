@@ -67,15 +67,19 @@ def interrupt_after_epoch(monkeypatch, epoch, evaluations_per_epoch=1):
     monkeypatch.setattr(synthprune.train, "evaluate", evaluate)
 
 
-@pytest.mark.parametrize("extra", [[], ["--compress-to", "0.05", "--accuracy-guard", "0.5"]],
-                         ids=["rewiring", "compression"])
+@pytest.mark.parametrize("extra", [
+    [], ["--compress-to", "0.05", "--accuracy-guard", "0.5"],
+    ["--rewire-every", "15", "--grow", "gradient", "--compress-to", "0.05"],
+    ["--set", "model=cnn", "--set", "hidden=[32]", "--set", "density=0.3", "--rewire-every", "20",
+     "--compress-to", "0.1"],
+], ids=["rewiring", "compression", "every-15-steps", "cnn"])
 def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys, extra):
     config = tmp_path / "c.yaml"
     config.write_text("dropout: 0.2\n")  # dropout: the resumed run must restore the RNG too
     args = ["train", *QUICK, "--epochs", "4", "--config", str(config), "--no-plots", *extra]
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
 
-    interrupt_after_epoch(monkeypatch, 2, evaluations_per_epoch=2 if extra else 1)
+    interrupt_after_epoch(monkeypatch, 2, evaluations_per_epoch=2 if "--accuracy-guard" in extra else 1)
     assert main([*args, "--out", str(tmp_path / "cut")]) == 130
     assert "--resume" in capsys.readouterr().err
     assert len(rows(tmp_path / "cut")) == 2 and not (tmp_path / "cut" / "final").exists()
@@ -89,6 +93,10 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys, extra
     assert whole.keys() == cut.keys()
     for key in whole:
         assert torch.equal(whole[key], cut[key]), key
+    if "--rewire-every" in extra:  # rewired inside the epochs, and recorded with the optimizer step
+        steps = {json.loads(line)["optimizer_step"] for line in (tmp_path / "cut" / "topology.jsonl").open()}
+        every = int(extra[extra.index("--rewire-every") + 1])
+        assert steps == set(range(every, 4 * 45, every))  # 45 optimizer steps per epoch, none after the last
 
 
 @pytest.mark.parametrize("backend", ["dense", "masked"])

@@ -183,6 +183,8 @@ def train(
     log = (lambda line: None) if quiet else (lambda line: console.print(line, highlight=False, soft_wrap=True))
     try:
         summary = fit(settings, out, resume=resume, progress=progress, log=log)
+    except ConfigError as exc:  # found only once the data is known (e.g. rewire_every vs the epoch)
+        raise named_by_source(exc, overrides, parse_assignments(set_values or [], "--set")) from None
     except KeyboardInterrupt:
         if speaks:
             print(f"interrupted: finished epochs are checkpointed; continue with: synthprune train --resume "
@@ -219,20 +221,26 @@ def train_settings(preset: str, config: Path | None, overrides: dict, set_values
             raise ValueError("--resume needs --out, the run directory to continue")
     try:
         settings = load_config(preset, config, **extra, **{k: v for k, v in overrides.items() if v is not None})
-    except ConfigError as exc:  # name the flag the bad value came from
-        if exc.key is not None and overrides.get(exc.key) is not None:
-            raise exc.named(f"--{exc.key.replace('_', '-')}") from None
-        if exc.key == "grow_options" and options:
-            raise exc.named("--grow-option") from None
-        if exc.key in extra:
-            raise exc.named(f"--set {exc.key}") from None
-        raise
+    except ConfigError as exc:
+        raise named_by_source(exc, overrides, extra) from None
     if settings.compress_to is None:
         shaping = [f"--{k.replace('_', '-')}" for k in ("compress_scope", "compress_start", "compress_end")
                    if overrides[k] is not None]
         if shaping:
             raise ValueError(f"{shaping[0]} shapes compression, which is off: add --compress-to, or drop it")
     return settings
+
+
+def named_by_source(exc: ConfigError, overrides: dict, extra: dict) -> ConfigError:
+    """``exc`` naming the flag its value came from (``--flag``, ``--set key``,
+    ``--grow-option``); unchanged when it came from a file or the preset."""
+    if exc.key is not None and overrides.get(exc.key) is not None:
+        return exc.named(f"--{exc.key.replace('_', '-')}")
+    if exc.key == "grow_options" and "grow_options" in extra:
+        return exc.named("--grow-option")
+    if exc.key in extra:
+        return exc.named(f"--set {exc.key}")
+    return exc
 
 
 def watch_parent() -> None:
