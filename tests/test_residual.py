@@ -174,6 +174,13 @@ def test_load_residual_reports_missing_and_corrupt_files(tmp_path):
         load_residual(tmp_path / "r")
 
 
+def test_a_compiled_model_gives_the_residual_network_of_what_it_compiled():
+    model = mlp([6, 5, 4])
+    compiled = torch.compile(model, backend="eager")  # the eager backend: no compiler needed
+    residual, _ = residual_network(compiled)
+    assert_same_function(model, residual, 6)
+
+
 def test_residual_network_refuses_models_it_cannot_fold():
     with pytest.raises(ValueError, match=r"needs an nn\.Sequential, got Linear"):
         residual_network(torch.nn.Linear(3, 2))

@@ -227,6 +227,8 @@ def residual_network(model: nn.Module, form: str = "csr", example_input: torch.T
     """
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; valid: {', '.join(FORMS)}")
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the module it compiled
+    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     if not is_mlp(model):
         return compact_sequential(model, example_input, form)
     linears, activation_name = _mlp_parts(model)
