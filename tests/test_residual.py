@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from synthprune import SparseLinear, SparseMLP, load_residual, residual_network, sparse_layers
+from synthprune import SparseConv1d, SparseLinear, SparseMLP, load_residual, residual_network, sparse_layers
 from synthprune.layers import CSRLinear
 
 
@@ -189,6 +189,8 @@ def test_residual_network_refuses_models_it_cannot_fold():
     with pytest.raises(ValueError, match=r"folds BatchNorm only directly after .* .2. follows ReLU"):
         residual_network(torch.nn.Sequential(SparseLinear(4, 3, connections=4), torch.nn.ReLU(),
                                              torch.nn.BatchNorm1d(3)))
+    with pytest.raises(ValueError, match=r"cannot handle module '0' \(SparseConv1d\)"):
+        residual_network(torch.nn.Sequential(SparseConv1d(1, 2, 3, density=0.5), torch.nn.Flatten()))
     with pytest.raises(ValueError, match="needs example_input"):
         residual_network(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten()))
     with pytest.raises(ValueError, match="unknown form"):

@@ -33,12 +33,14 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from synthprune.conv import SparseConv2d
 from synthprune.layers import CSRLinear, SparseLayer, SparseLinear
 from synthprune.models import ACTIVATIONS
 
 __all__ = ["ResidualSummary", "build_from_spec", "compact_sequential", "is_mlp", "module_spec", "weight_shapes"]
 
-_WEIGHTED = (SparseLayer, nn.Linear, nn.Conv2d)
+_WEIGHTED = (SparseLinear, SparseConv2d, nn.Linear, nn.Conv2d)
+_CONVOLUTIONS = (SparseConv2d, nn.Conv2d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _PASSIVE = (*ACTIVATIONS.values(), nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d,
             nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -260,7 +262,7 @@ def _units_between(modules: list[nn.Module], before: int, after: int, seen: torc
     if per_sample % units:
         raise ValueError(f"module {after} sees {per_sample} values per example, not a multiple of the "
                          f"{units} units before it")
-    if isinstance(modules[after], nn.Conv2d | SparseLayer) and seen.dim() == 4:
+    if isinstance(modules[after], _CONVOLUTIONS):
         return 1
     return per_sample // units
 
