@@ -84,6 +84,7 @@ CASES = [
     ("seed-huge", lambda t, f, i: digits("--seed", str(2**70), "--out", str(t / "r")), "--seed must be in [0, "),
     ("device-tpu", lambda t, f, i: digits("--device", "tpu", "--out", str(t / "r")), "--device must be cpu"),
     ("device-mps", lambda t, f, i: digits("--device", "mps", "--out", str(t / "r")), "--device"),
+    ("threads-zero", lambda t, f, i: digits("--threads", "0", "--out", str(t / "r")), "--threads"),
     ("rewire-every-zero", lambda t, f, i: digits("--rewire-every", "0", "--out", str(t / "r")), "--rewire-every"),
     ("rewire-until-zero", lambda t, f, i: digits("--rewire-until", "0", "--out", str(t / "r")), "--rewire-until"),
     ("rewire-every-too-rare", lambda t, f, i: digits("--rewire-every", "5000", "--epochs", "2", "--out",

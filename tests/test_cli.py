@@ -2,6 +2,10 @@
 
 import csv
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -278,3 +282,24 @@ def test_yaml_numbers_in_exponent_notation_are_numbers(tmp_path, capsys):
     config.write_text("lr: fast\n")
     assert main(["train", "--preset", "digits-mlp", "--config", str(config), "--quiet"]) == 2
     assert "lr must be a number, got 'fast'" in capsys.readouterr().err
+
+
+def test_the_command_line_waits_passively_unless_told_otherwise():
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    script = str(Path(sys.executable).with_name("synthprune"))
+    for command in ([sys.executable, "-m", "synthprune", "list"], [script, "list"]):
+        out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+        assert "OpenMP wait policy PASSIVE" in out, out  # set before torch loaded its OpenMP runtime
+    out = subprocess.run([sys.executable, "-m", "synthprune", "list"], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True).stdout
+    assert "OpenMP wait policy ACTIVE" in out  # the user's choice stands
+
+
+def test_threads_sets_torchs_thread_count(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        args = ["train", *QUICK, "--epochs", "1", "--threads", "1", "--no-plots", "--out", str(tmp_path / "r")]
+        assert main(args) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

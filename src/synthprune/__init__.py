@@ -13,6 +13,17 @@ Your own loop: ``save_checkpoint``/``load_checkpoint``, ``rewire_ddp`` under DDP
 ``synthprune.lightning.Rewiring`` for Lightning.
 """
 
+import os as _os
+import sys as _sys
+
+# The command line sets a passive OpenMP wait policy before torch (and its OpenMP runtime, which
+# reads the variable once, when it loads) starts, unless the user chose one. Spinning threads
+# collapse a sparse step when another process shares the cores: measured 88.5 ms against 5.1
+# ms for one thread (benchmarks/README.md). Library users set it themselves (README, Threads).
+if (_sys.argv[:1] == ["-m"] or _os.path.basename(_sys.argv[0] if _sys.argv else "") == "synthprune") \
+        and "torch" not in _sys.modules:
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from synthprune.checkpoint import load_checkpoint, save_checkpoint
 from synthprune.conv import SparseConv1d, SparseConv2d
 from synthprune.distributed import rewire_ddp

@@ -135,6 +135,9 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar or per-epoch lines.")] = False,
     plots: Annotated[bool, typer.Option(help="Write figures into <run>/figures at the end.")] = True,
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="Threads for torch (default: its own, the cores). On a machine other work shares, 1 "
+                    "per run is often fastest.")] = None,
     nproc: Annotated[int, typer.Option(
         min=1, help="Data-parallel processes on this machine (starts torchrun; the batch size stays the "
                     "global batch). For several machines run torchrun yourself: see the README.")] = 1,
@@ -171,11 +174,16 @@ def train(
         out = Path("runs") / run_name(configuration_name(settings, preset), settings.seed)
     if nproc > 1:
         arguments = {"preset": preset, "config": config, **overrides, "out": out, "resume": resume, "quiet": quiet,
-                     "plots": plots, "set": set_values, "grow_option": grow_option, "strategies": strategies}
+                     "plots": plots, "set": set_values, "grow_option": grow_option, "strategies": strategies,
+                     "threads": threads}
         from synthprune.distributed import launch_local
 
         raise typer.Exit(launch_local(nproc, ["train", *command_line(arguments)]))
     watch_parent()
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     speaks = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 prints and plots
     quiet, plots = quiet or not speaks, plots and speaks
     show_bar = not quiet and console.is_terminal
@@ -601,6 +609,10 @@ def list_things(
     from synthprune.config import TrainConfig
 
     console.print(f"settings:   {', '.join(TrainConfig().to_dict())}  (train --set KEY=VALUE, --config FILE)")
+    import torch
+
+    console.print(f"threads:    {torch.get_num_threads()} (train --threads N); OpenMP wait policy "
+                  f"{os.environ.get('OMP_WAIT_POLICY', 'unset (active spinning)')}")
 
 
 def main(argv: list[str] | None = None) -> int:
