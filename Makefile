@@ -26,12 +26,12 @@ data:
 # printed paths, tables and --help must stay whole whatever the width.
 NARROW_TESTS := tests/test_cli.py tests/test_sweep.py tests/test_bad_input.py tests/test_api_contracts.py
 test: $(STAMP)
-	$(PY) -m ruff check src tests examples experiments
+	$(PY) -m ruff check src tests examples experiments benchmarks
 	env -u COLUMNS $(PY) -m pytest -q
 	COLUMNS=60 $(PY) -m pytest -q $(NARROW_TESTS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests examples experiments
+	$(PY) -m ruff check src tests examples experiments benchmarks
 
 setup: $(STAMP)
 

@@ -34,10 +34,10 @@ def main() -> None:
         weight = (torch.randn(c_out, c_in, 5, 5) * mask).requires_grad_()
         csr = weight.detach().reshape(c_out, -1).to_sparse_csr()
 
-        def masked():
+        def masked(x=x, weight=weight, mask=mask):
             F.conv2d(x, weight * mask).sum().backward()
 
-        def im2col_csr():
+        def im2col_csr(x=x, csr=csr, c_in=c_in):
             columns = F.unfold(x.detach(), 5).transpose(0, 1).reshape(c_in * 25, -1)
             torch.sparse.mm(csr, columns)
 

@@ -1,5 +1,5 @@
 """One csr training step of the reference MLP (epsilon = 20, batch 128), wall time, median of 40
-steps: run it while other processes keep the cores busy, with and without a passive OpenMP wait
+steps. Run it while other processes keep the cores busy, with and without a passive OpenMP wait
 policy, e.g.
 
     python -c "while True: pass" &   # one busy process per core not otherwise used
@@ -8,18 +8,38 @@ policy, e.g.
     OMP_WAIT_POLICY=PASSIVE python benchmarks/under_load.py 1
 """
 
-import os, sys, time
-import torch, torch.nn.functional as F
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
 import synthprune
-threads = int(sys.argv[1]); torch.set_num_threads(threads)
-torch.manual_seed(0)
-model = synthprune.SparseMLP([784,1000,1000,1000,10], epsilon=20, seed=0)
-opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-x = torch.randn(128,784); y = torch.randint(0,10,(128,))
-def step():
-    opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
-for _ in range(5): step()
-ts=[]
-for _ in range(40):
-    t=time.perf_counter(); step(); ts.append(time.perf_counter()-t)
-print(f"policy={os.environ.get('OMP_WAIT_POLICY','default')} threads={threads}: {1e3*sorted(ts)[20]:.1f} ms wall per step")
+
+
+def main(threads: int) -> None:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = synthprune.SparseMLP([784, 1000, 1000, 1000, 10], epsilon=20, seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(128, 784), torch.randint(0, 10, (128,))
+
+    def step() -> None:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    for _ in range(5):
+        step()
+    times = []
+    for _ in range(40):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset")
+    print(f"wait policy {policy}, {threads} thread(s): {1e3 * sorted(times)[20]:.1f} ms wall per step")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else torch.get_num_threads())
