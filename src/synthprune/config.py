@@ -17,9 +17,10 @@ import torch
 import yaml
 
 from synthprune.compression import COMPRESS_SCOPES, parse_target
-from synthprune.data import DATASETS
+from synthprune.data import DATASETS, INPUT_SCALINGS
 from synthprune.layers import BACKENDS, INITS
 from synthprune.models import ACTIVATIONS
+from synthprune.rewiring import NEW_WEIGHTS
 from synthprune.schedules import ZETA_SCHEDULES
 from synthprune.strategies import grow_options, list_strategies
 
@@ -59,6 +60,7 @@ class TrainConfig:
     dataset: str = "fashion-mnist"  # fashion-mnist | digits
     data_dir: str | None = None  # folder with the IDX files (default: Debian's dataset-fashion-mnist)
     limit_train: int | None = None  # train on the first N examples only (quick runs)
+    input_scaling: str | None = None  # global | pixel | unit (default: global for fashion-mnist, unit for digits)
     model: str = "mlp"  # mlp | cnn (LeNet-5-like: 5x5 convolutions with 2x2 pooling, then the hidden layers)
     channels: list[int] = field(default_factory=lambda: [6, 16])  # cnn: channels of each convolution
     hidden: list[int] = field(default_factory=lambda: [1000, 1000, 1000])  # hidden layer widths
@@ -73,6 +75,9 @@ class TrainConfig:
     grow: str = "synthesis"  # grow strategy; none = static sparse
     zeta: float = 0.3  # fraction of connections rewired after each epoch
     zeta_schedule: str = "constant"  # constant | cosine
+    new_weights: str = "zero"  # grown connections start at zero | normal (N(0, new_weight_std²))
+    new_weight_std: float = 0.01
+    grace_steps: int = 0  # newly grown connections cannot be pruned for this many rewiring steps
     rewire_every: int | None = None  # rewire after every N optimizer steps (default: after each epoch)
     rewire_until: int | None = None  # no rewiring at or after this optimizer step (RigL's T_end)
     endpoint: str = "cdf"  # synthesis: endpoint rule, cdf | tail (also grow_options: {endpoint: tail})
@@ -91,6 +96,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 2e-4
     seed: int = 0  # seeds the model, data order, dropout and rewiring
+    wiring_seed: int | None = None  # seeds the initial wiring and weights instead of seed (same start, other draws)
     save_topology_every: int = 0  # save the wiring (topology/epoch-NNNN.safetensors) every N epochs; 0: never
     device: str = "cpu"  # cpu | cuda | cuda:N | mps
 
@@ -148,10 +154,12 @@ class TrainConfig:
             "dataset": DATASETS, "model": MODELS, "backend": TRAIN_BACKENDS, "activation": tuple(ACTIVATIONS),
             "init": INITS,
             "prune": tuple(strategies["prune"]), "grow": tuple(strategies["grow"]),
-            "zeta_schedule": ZETA_SCHEDULES, "endpoint": ("cdf", "tail"), "compress_scope": COMPRESS_SCOPES,
+            "zeta_schedule": ZETA_SCHEDULES, "endpoint": ("cdf", "tail"), "new_weights": NEW_WEIGHTS,
+            "input_scaling": INPUT_SCALINGS, "compress_scope": COMPRESS_SCOPES,
         }
         for name, valid in choices.items():
-            if getattr(self, name) not in valid:
+            optional = name == "input_scaling" and self.input_scaling is None  # None: the dataset's own
+            if getattr(self, name) not in valid and not optional:
                 own = name in ("grow", "prune")
                 hint = " (a strategy of your own: load its module with --strategies)" if own else ""
                 raise ConfigError(name, f"unknown {{key}} {getattr(self, name)!r}; valid: {', '.join(valid)}{hint}")
@@ -167,6 +175,9 @@ class TrainConfig:
             ("limit_train", self.limit_train is None or self.limit_train >= 1, ">= 1"),
             ("save_topology_every", self.save_topology_every >= 0, ">= 0"),
             ("seed", 0 <= self.seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
+            ("wiring_seed", self.wiring_seed is None or 0 <= self.wiring_seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
+            ("new_weight_std", self.new_weight_std > 0, "> 0"),
+            ("grace_steps", self.grace_steps >= 0, ">= 0 rewiring steps"),
             ("hidden", isinstance(self.hidden, list) and len(self.hidden) >= 1
              and all(_is_int(h) and h >= 1 for h in self.hidden), "a list of whole widths >= 1, e.g. [1000, 1000]"),
             ("channels", isinstance(self.channels, list) and len(self.channels) >= 1
@@ -180,8 +191,8 @@ class TrainConfig:
         for name, ok, rule in checks:
             if not ok:
                 raise ConfigError(name, f"must be {rule}, got {getattr(self, name)!r}")
-        for name in ("epsilon", "density", "zeta", "lr", "momentum", "weight_decay", "dropout", "kappa_start",
-                     "kappa_end", "accuracy_guard", "validation_split"):
+        for name in ("epsilon", "density", "zeta", "new_weight_std", "lr", "momentum", "weight_decay", "dropout",
+                     "kappa_start", "kappa_end", "accuracy_guard", "validation_split"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ConfigError(name, f"must be a finite number, got {value!r}")

@@ -99,9 +99,9 @@ def fashion_mnist_folder(data_dir: str | Path | None) -> Path:
     raise DataError(f"Fashion-MNIST not found in {', '.join(searched)}; {HOW_TO_GET}")
 
 
-def load_fashion_mnist(data_dir: str | Path | None = None) -> Dataset:
-    """Fashion-MNIST (60,000 train / 10,000 test, 28×28), pixels scaled to [0, 1] then
-    standardised with the training set's mean and std."""
+def load_fashion_mnist(data_dir: str | Path | None = None, scaling: str = "global") -> Dataset:
+    """Fashion-MNIST (60,000 train / 10,000 test, 28×28), pixels scaled to [0, 1] then, by
+    default, standardised with the training set's one mean and std (:func:`scale_inputs`)."""
     folder = fashion_mnist_folder(data_dir)
     arrays = {}
     for split, prefix, count in (("train", "train", 60_000), ("test", "t10k", 10_000)):
@@ -113,24 +113,41 @@ def load_fashion_mnist(data_dir: str | Path | None = None) -> Dataset:
             arrays[split, kind] = read_idx(path, magic, count, shape)
     x_train = torch.from_numpy(arrays["train", "images"].reshape(60_000, -1).astype(np.float32) / 255.0)
     x_test = torch.from_numpy(arrays["test", "images"].reshape(10_000, -1).astype(np.float32) / 255.0)
-    mean, std = x_train.mean(), x_train.std()
     for name in ("train", "test"):
         labels = arrays[name, "labels"]
         if labels.max() > 9:
             raise DataError(f"{folder}: {name} labels contain {labels.max()}, expected 0..9; {HOW_TO_GET}")
+    x_train, x_test = scale_inputs(x_train, x_test, scaling)
     return Dataset(
         "fashion-mnist",
-        (x_train - mean) / std,
+        x_train,
         torch.from_numpy(arrays["train", "labels"].astype(np.int64)),
-        (x_test - mean) / std,
+        x_test,
         torch.from_numpy(arrays["test", "labels"].astype(np.int64)),
         (28, 28),
     )
 
 
-def load_digits() -> Dataset:
+def scale_inputs(x_train: torch.Tensor, x_test: torch.Tensor, scaling: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs in [0, 1] scaled by statistics of the training set: ``global`` (one mean and std:
+    the reference preset's; an always-black border becomes a constant non-zero input),
+    ``pixel`` (each feature its own mean and std; a constant feature becomes 0) or ``unit``
+    (left in [0, 1])."""
+    if scaling == "unit":
+        return x_train, x_test
+    if scaling == "global":
+        mean, std = x_train.mean(), x_train.std()
+    elif scaling == "pixel":
+        mean, std = x_train.mean(0), x_train.std(0)
+        std = torch.where(std > 0, std, torch.ones_like(std))
+    else:
+        raise ValueError(f"unknown input scaling {scaling!r}; valid: {', '.join(INPUT_SCALINGS)}")
+    return (x_train - mean) / std, (x_test - mean) / std
+
+
+def load_digits(scaling: str = "unit") -> Dataset:
     """scikit-learn's 8×8 digits (1,797 images, shipped with the package): a fixed shuffled
-    split of 1,437 train / 360 test, pixels scaled to [0, 1]."""
+    split of 1,437 train / 360 test, pixels scaled to [0, 1] (by default; :func:`scale_inputs`)."""
     try:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError as exc:  # pragma: no cover - scikit-learn is a dependency
@@ -140,18 +157,25 @@ def load_digits() -> Dataset:
     y = torch.from_numpy(bunch.target.astype(np.int64))
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     train, test = order[:1437], order[1437:]
-    return Dataset("digits", x[train], y[train], x[test], y[test], (8, 8))
+    x_train, x_test = scale_inputs(x[train], x[test], scaling)
+    return Dataset("digits", x_train, y[train], x_test, y[test], (8, 8))
 
 
 DATASETS = ("fashion-mnist", "digits")
+INPUT_SCALINGS = ("global", "pixel", "unit")
+DEFAULT_SCALING = {"fashion-mnist": "global", "digits": "unit"}
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None, limit_train: int | None = None) -> Dataset:
-    """Load a dataset by name; ``limit_train`` keeps the first N training examples."""
+def load_dataset(name: str, data_dir: str | Path | None = None, limit_train: int | None = None,
+                 scaling: str | None = None) -> Dataset:
+    """Load a dataset by name; ``limit_train`` keeps the first N training examples (statistics
+    for scaling come from the whole training set); ``scaling`` defaults to the dataset's own
+    (:data:`DEFAULT_SCALING`)."""
+    scaling = scaling or DEFAULT_SCALING.get(name, "unit")
     if name == "fashion-mnist":
-        data = load_fashion_mnist(data_dir)
+        data = load_fashion_mnist(data_dir, scaling)
     elif name == "digits":
-        data = load_digits()
+        data = load_digits(scaling)
     else:
         raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
     if limit_train is not None:

@@ -94,6 +94,9 @@ class Rewirer:
         seed: seeds one ``torch.Generator`` per layer; rewiring is reproducible from it.
         new_weights: ``"zero"`` (new connections start at 0) or ``"normal"`` (N(0, std²)).
         new_weight_std: the std for ``new_weights="normal"``.
+        grace_steps: a connection grown at rewiring step s cannot be pruned at steps s+1 ..
+            s+grace_steps (our extension: time for a new connection to prove itself). Counts
+            stay exact; a step prunes fewer when too many connections are young.
         loss_fn: loss for gradient-based growth, ``loss_fn(model(x), y)``; cross-entropy.
         max_rounds: proposal rounds before growth falls back to uniform over free slots.
         compress_to: shrink to this final density (< 1), connection count (>= 1), or per-layer
@@ -136,6 +139,7 @@ class Rewirer:
         seed: int = 0,
         new_weights: str = "zero",
         new_weight_std: float = 0.01,
+        grace_steps: int = 0,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         max_rounds: int = 8,
         compress_to: float | int | str | dict | None = None,
@@ -159,6 +163,8 @@ class Rewirer:
         self.schedule = ZetaSchedule(zeta, zeta_schedule, total_steps)
         if new_weights not in NEW_WEIGHTS:
             raise ValueError(f"unknown new_weights {new_weights!r}; valid: {', '.join(NEW_WEIGHTS)}")
+        if not (isinstance(grace_steps, int) and grace_steps >= 0):
+            raise ValueError(f"grace_steps must be a whole number >= 0, got {grace_steps!r}")
         if max_rounds < 0:
             raise ValueError(f"max_rounds must be >= 0, got {max_rounds}")
         model = getattr(model, "module", model) if _is_ddp(model) else model
@@ -175,6 +181,9 @@ class Rewirer:
         self.new_weights, self.new_weight_std = new_weights, new_weight_std
         self.loss_fn = loss_fn or F.cross_entropy
         self.max_rounds = max_rounds
+        self.grace_steps = grace_steps
+        # Per layer, the rewiring step each connection was grown at (key order); None: all old.
+        self._born: list[torch.Tensor | None] = [None] * len(self.layers)
         self.strategy_options = strategy_options
         self.step_count = 0
         self._set_up_compression(compress_to, compress_scope, _one_of("compress_start", compress_start_step,
@@ -280,7 +289,7 @@ class Rewirer:
             start = time.perf_counter()
             live = self._live_outputs(index)
             pruned, grown, fallbacks, diagnostics = self._rewire_layer(
-                layer, zeta, targets[index], self.generators[index], signals.get(name), live)
+                index, layer, zeta, targets[index], self.generators[index], signals.get(name), live)
             report = LayerReport(
                 step=self.step_count, layer=name, zeta=zeta, target=targets[index], pruned=pruned, grown=grown,
                 fallbacks=fallbacks, connections=layer.nnz, density=layer.density,
@@ -308,6 +317,7 @@ class Rewirer:
 
     def _rewire_layer(
         self,
+        index: int,
         layer: SparseLayer,
         zeta: float,
         target: int,
@@ -319,7 +329,12 @@ class Rewirer:
         keys = layer.keys().cpu()
         values = layer.connection_values().detach().cpu()
         scores = self.prune_fn(values)
-        protected = _last_inputs(keys // n_in, scores, live_outputs)
+        last_inputs = _last_inputs(keys // n_in, scores, live_outputs)
+        born = self._born[index]
+        if born is None or born.numel() != keys.numel():  # never tracked, or rewired elsewhere: all old
+            born = torch.full((keys.numel(),), -(2**62), dtype=torch.long)
+        young = (self.step_count - born <= self.grace_steps) if self.grace_steps else None
+        protected = last_inputs if young is None else young if last_inputs is None else last_inputs | young
         n_protected = int(protected.sum()) if protected is not None else 0
         # Prune ζ·k (none when static), at least enough to reach the target, and never a
         # protected connection; grow back the difference to the target.
@@ -345,6 +360,8 @@ class Rewirer:
         position[order] = torch.arange(order.numel())
         kept_new = position[: ctx.keys.numel()]
         merged_values = torch.cat([ctx.values, self._new_values(n_grow, values.dtype, generator)])
+        if self.grace_steps:
+            self._born[index] = torch.cat([born[keep], torch.full((n_grow,), self.step_count)])[order]
 
         # 4. swap the topology in, carrying optimizer state for survivors only
         param = layer.connection_parameter()
@@ -355,8 +372,8 @@ class Rewirer:
             self.optimizer.state[param][key] = layer.carry_over(tensor, kept_old, kept_new)
 
         check_topology(layer.keys().cpu(), n_out, n_in, expected_count=target)
-        if protected is not None:
-            _check_kept_inputs(layer, keys[protected] // n_in)
+        if last_inputs is not None:
+            _check_kept_inputs(layer, keys[last_inputs] // n_in)
         layer.check()
         diagnostics = self.strategy.diagnostics(ctx, new_keys) if self.strategy.diagnostics else {}
         return n_prune, n_grow, fallbacks, diagnostics
@@ -450,6 +467,8 @@ class Rewirer:
             "compression": self.plan.state_dict() if self.plan else
             {"initial_counts": self._counts(), "final_counts": self._counts(), "shrink_steps_done": 0},
             "wiring": self._wiring(),
+            **({"born": [b if b is not None else torch.empty(0, dtype=torch.long) for b in self._born]}
+               if self.grace_steps else {}),
         }
 
     def _wiring(self) -> list[dict]:
@@ -459,8 +478,9 @@ class Rewirer:
 
     def _settings(self) -> dict:
         return {"prune": self.prune, "grow": self.grow, "zeta": self.zeta, "zeta_schedule": self.zeta_schedule,
-                "seed": self.seed, "compress_to": self.compress_to, "compress_scope": self.compress_scope,
-                "compress_start": self.compress_start, "compress_end": self.compress_end}
+                "seed": self.seed, "grace_steps": self.grace_steps, "compress_to": self.compress_to,
+                "compress_scope": self.compress_scope, "compress_start": self.compress_start,
+                "compress_end": self.compress_end}
 
     def load_state_dict(self, state: dict) -> None:
         settings = self._settings()
@@ -482,6 +502,8 @@ class Rewirer:
         for generator, g_state in zip(self.generators, state["generators"], strict=True):
             generator.set_state(g_state)
         self.step_count = int(state["step_count"])
+        if self.grace_steps and "born" in state:
+            self._born = [b.long() if b.numel() else None for b in state["born"]]
         if "compression" in state and self.plan is not None:
             # The counts compression started from, not those of the model as (re)built.
             self.plan.load_state_dict(state["compression"])

@@ -51,6 +51,7 @@ def build_model(config: TrainConfig, n_features: int, n_classes: int) -> SparseM
     """The network of a config (an MLP, or a CNN on square single-channel images of
     ``n_features`` pixels); ``backend="dense"`` gives the same network with every layer dense."""
     sparsity = ({"density": config.density} if config.density is not None else {"epsilon": config.epsilon})
+    seed = config.wiring_seed if config.wiring_seed is not None else config.seed  # the initial network
     backend = config.backend if config.sparse else "csr"
     if config.model == "cnn":
         side = math.isqrt(n_features)
@@ -58,11 +59,11 @@ def build_model(config: TrainConfig, n_features: int, n_classes: int) -> SparseM
             raise ValueError(f"model 'cnn' needs square images; this dataset has {n_features} features per example")
         return SparseCNN((side, side), n_classes, channels=config.channels, hidden=config.hidden, **sparsity,
                          backend=backend, activation=config.activation, dropout=config.dropout,
-                         dense_output=config.dense_output, init=config.init, seed=config.seed, sparse=config.sparse)
+                         dense_output=config.dense_output, init=config.init, seed=seed, sparse=config.sparse)
     sizes = [n_features, *config.hidden, n_classes]
     return SparseMLP(sizes, **(sparsity if config.sparse else {"density": 1.0}), backend=backend,
                      activation=config.activation, dropout=config.dropout, dense_output=config.dense_output,
-                     init=config.init, seed=config.seed)
+                     init=config.init, seed=seed)
 
 
 def live_neurons(model: nn.Module) -> list[int]:
@@ -89,6 +90,7 @@ def summarize(metrics: list[dict], model: nn.Module) -> dict:
         "epochs": int(last["epoch"]),
         "final_test_accuracy": last["test_accuracy"],
         "best_test_accuracy": max(row["test_accuracy"] for row in metrics),
+        **_chosen_on_validation(metrics),
         "connections": int(last["connections"]),
         "connections_per_layer": per_layer,
         "dense_weights": dense,
@@ -96,6 +98,16 @@ def summarize(metrics: list[dict], model: nn.Module) -> dict:
         "live_neurons": live_neurons(model),
         "seconds_per_epoch": sum(row["epoch_seconds"] for row in metrics) / len(metrics),
     }
+
+
+def _chosen_on_validation(metrics: list[dict]) -> dict:
+    """With a validation split: the epoch with the best validation accuracy (the first of ties)
+    and its test accuracy -- model selection that never looks at the test set."""
+    if "validation_accuracy" not in metrics[-1]:
+        return {}
+    best = max(metrics, key=lambda row: row["validation_accuracy"])
+    return {"best_validation_accuracy": best["validation_accuracy"], "best_validation_epoch": int(best["epoch"]),
+            "test_accuracy_at_best_validation": best["test_accuracy"]}
 
 
 def write_final(run: RunDir, config: TrainConfig, model: SparseMLP, summary: dict) -> None:

@@ -168,7 +168,7 @@ def _prepare(config: TrainConfig, run: RunDir, resume: bool, log: Callable[[str]
 
 
 def _splits(config: TrainConfig, device: torch.device) -> Splits:
-    data = load_dataset(config.dataset, config.data_dir, config.limit_train)
+    data = load_dataset(config.dataset, config.data_dir, config.limit_train, config.input_scaling)
     x_train, y_train = data.x_train, data.y_train
     train_index, val_index = split_validation(len(y_train), config.validation_fraction, config.seed)
     x_val, y_val = x_train[val_index].to(device), y_train[val_index].to(device)
@@ -458,4 +458,5 @@ def build_rewirer(config: TrainConfig, model: nn.Module, optimizer: torch.optim.
                        "compress_start_step": start, "compress_end_step": end}
     return Rewirer(model, optimizer, schedule=schedule, prune=config.prune, grow=config.grow, zeta=config.zeta,
                    zeta_schedule=config.zeta_schedule, total_steps=max(1, total), seed=config.seed,
+                   new_weights=config.new_weights, new_weight_std=config.new_weight_std, grace_steps=config.grace_steps,
                    **compression, **config.strategy_options())
