@@ -73,3 +73,17 @@ def test_the_model_is_chosen_on_validation_never_on_test():
     summary = summarize(metrics, SparseMLP([4, 3, 2], epsilon=1, seed=0))
     assert summary["best_validation_epoch"] == 1 and summary["test_accuracy_at_best_validation"] == 0.80
     assert summary["best_test_accuracy"] == 0.90  # still reported, but not what a model is chosen by
+
+
+def test_gradual_magnitude_pruning_starts_from_every_connection():
+    config = load_config("digits-mlp", density=1.0, grow="none", prune="magnitude", compress_to=0.05,
+                         backend="masked", epochs=4)
+    model = build_model(config, 64, 10)
+    layers = sparse_layers(model)
+    assert [layer.density for _, layer in layers] == [1.0, 1.0]  # sparse layers holding every connection
+    rewirer = build_rewirer(config, model, torch.optim.SGD(model.parameters(), lr=0.1), 1437)
+    for _ in range(3):
+        rewirer.step()
+    assert sum(layer.nnz for _, layer in layers) == round(0.05 * (64 * 128 + 128 * 128))
+    plain = build_model(load_config("digits-mlp", density=1.0), 64, 10)
+    assert not sparse_layers(plain)  # without compression a full layer is simply dense

@@ -89,10 +89,12 @@ def _make_layer(
     bias: bool = True,
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
+    keep_sparse: bool = False,
 ) -> nn.Module:
     """A SparseLinear with ``count`` connections, or an ``nn.Linear`` when ``count`` is the full
-    ``n_in·n_out`` (a layer whose density comes out ≥ 1 stays dense). Same init either way."""
-    if count < n_in * n_out:
+    ``n_in·n_out`` (a layer whose density comes out ≥ 1 stays dense) and not ``keep_sparse``.
+    Same init either way."""
+    if count < n_in * n_out or keep_sparse:
         return SparseLinear(n_in, n_out, connections=count, backend=backend, init=init, bias=bias,
                             generator=generator, device=device, dtype=dtype)
     dense = DenseLinear(n_in, n_out, bias=bias, device=device, dtype=dtype)
@@ -111,9 +113,10 @@ class SparseMLP(nn.Sequential):
     with ``act`` and (if ``dropout > 0``) ``drop`` after every layer but the last. Inputs
     ``[batch, ...]`` are flattened to ``[batch, sizes[0]]``; outputs are ``[batch, sizes[-1]]``
     logits. With ``dense_output`` the last layer is an ordinary ``nn.Linear``; any layer whose
-    count reaches ``n_in·n_out`` is dense too. Give ``epsilon`` (default 20) or ``density``,
-    not both. ``seed`` makes topology and weights reproducible
-    without touching the global RNG.
+    count reaches ``n_in·n_out`` is dense too, unless ``keep_sparse``: then it is a sparse layer
+    holding every connection, which compression can shrink (gradual magnitude pruning from
+    dense). Give ``epsilon`` (default 20) or ``density``, not both. ``seed`` makes topology and
+    weights reproducible without touching the global RNG.
     """
 
     def __init__(
@@ -129,6 +132,7 @@ class SparseMLP(nn.Sequential):
         dense_output: bool = True,
         init: str = "sparse_kaiming",
         seed: int | None = None,
+        keep_sparse: bool = False,
     ) -> None:
         sizes = [int(s) for s in sizes]
         if len(sizes) < 2 or min(sizes) < 1:
@@ -150,7 +154,8 @@ class SparseMLP(nn.Sequential):
 
         modules: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
         for i, ((n_in, n_out), count) in enumerate(zip(shapes, counts, strict=True), start=1):
-            modules[f"fc{i}"] = _make_layer(n_in, n_out, count, backend, init, generator)
+            modules[f"fc{i}"] = _make_layer(n_in, n_out, count, backend, init, generator,
+                                            keep_sparse=keep_sparse and i <= n_sparse)
             if i < len(shapes):
                 modules[f"act{i}"] = ACTIVATIONS[activation]()
                 if dropout > 0:
@@ -159,7 +164,7 @@ class SparseMLP(nn.Sequential):
         self.sizes = sizes
         self._settings = {"sizes": sizes, "epsilon": epsilon, "density": density, "distribution": distribution,
                           "backend": backend, "activation": activation, "dropout": dropout,
-                          "dense_output": dense_output, "init": init}
+                          "dense_output": dense_output, "init": init, "keep_sparse": keep_sparse}
 
     def config(self) -> dict:
         """The constructor's settings (JSON-safe). ``SparseMLP.from_config(model.config())``

@@ -61,9 +61,11 @@ def build_model(config: TrainConfig, n_features: int, n_classes: int) -> SparseM
                          backend=backend, activation=config.activation, dropout=config.dropout,
                          dense_output=config.dense_output, init=config.init, seed=seed, sparse=config.sparse)
     sizes = [n_features, *config.hidden, n_classes]
+    # A sparse layer at full density stays rewirable when compression will shrink it: gradual
+    # magnitude pruning from dense is density 1 + grow none + prune magnitude + compress_to.
     return SparseMLP(sizes, **(sparsity if config.sparse else {"density": 1.0}), backend=backend,
                      activation=config.activation, dropout=config.dropout, dense_output=config.dense_output,
-                     init=config.init, seed=seed)
+                     init=config.init, seed=seed, keep_sparse=config.sparse and config.compress_to is not None)
 
 
 def live_neurons(model: nn.Module) -> list[int]:
