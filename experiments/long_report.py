@@ -1,0 +1,100 @@
+"""The long-training report (issue 16) from committed records alone: per configuration, the test
+accuracy of the epoch chosen on validation (never on test), mean and 95% t-interval over seeds,
+and paired differences against SET and static sparse by seed (same seed = same data order and
+initial wiring), with their 95% t-intervals. Also the learning curves (validation accuracy).
+
+    python experiments/long_report.py [RECORDS] [FIGURE]
+    (default: experiments/results/long-e60 and docs/figures/long_curves.png)
+
+Cells with fewer than two seeds have no interval and say so.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from scipy import stats
+
+REFERENCES = {"random-full": "SET", "none-full": "static"}
+
+
+def read(folder: Path) -> dict[str, dict[int, list[dict]]]:
+    """``{configuration: {seed: metrics rows}}`` from ``<configuration>-s<seed>/metrics.csv``."""
+    runs: dict[str, dict[int, list[dict]]] = defaultdict(dict)
+    for path in sorted(folder.glob("*-s*/metrics.csv")):
+        name, _, seed = path.parent.name.rpartition("-s")
+        rows = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(path.open())]
+        runs[name][int(seed)] = rows
+    return runs
+
+
+def chosen(rows: list[dict]) -> float:
+    """Test accuracy at the best validation epoch (the first of ties)."""
+    return max(rows, key=lambda r: r["validation_accuracy"])["test_accuracy"]
+
+
+def interval(values: list[float]) -> str:
+    """``mean ± half-width`` of the 95% t-interval, in points; no interval from one value."""
+    mean = 100 * statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.2f} (1 seed, no CI)"
+    half = 100 * stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return f"{mean:.2f} ± {half:.2f}"
+
+
+def table(runs: dict[str, dict[int, list[dict]]]) -> str:
+    lines = ["| configuration | seeds | epochs | test acc at best val. (%, 95% CI) | "
+             + " | ".join(f"paired vs {label} (points)" for label in REFERENCES.values()) + " |",
+             "|---|---|---|---|" + "---|" * len(REFERENCES)]
+    for name, seeds in sorted(runs.items()):
+        scores = {seed: chosen(rows) for seed, rows in seeds.items()}
+        paired = []
+        for reference in REFERENCES:
+            common = sorted(set(scores) & set(runs.get(reference, {})))
+            if name == reference or not common:
+                paired.append("—")
+                continue
+            paired.append(interval([scores[s] - chosen(runs[reference][s]) for s in common]))
+        epochs = {int(rows[-1]["epoch"]) for rows in seeds.values()}
+        lines.append(f"| {name} | {len(seeds)} | {'/'.join(map(str, sorted(epochs)))} | "
+                     f"{interval(list(scores.values()))} | " + " | ".join(paired) + " |")
+    return "\n".join(lines)
+
+
+def curves(runs: dict[str, dict[int, list[dict]]], figure: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for name, seeds in sorted(runs.items()):
+        length = min(len(rows) for rows in seeds.values())
+        mean = [100 * statistics.fmean(rows[e]["validation_accuracy"] for rows in seeds.values())
+                for e in range(length)]
+        ax.plot(range(1, length + 1), mean, label=f"{name} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
+    ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Learning curves (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(figure, dpi=110)
+    plt.close(fig)
+
+
+def main(folder: Path, figure: Path) -> None:
+    runs = read(folder)
+    if not runs:
+        sys.exit(f"{folder}: no <configuration>-s<seed>/metrics.csv records")
+    print(table(runs))
+    curves(runs, figure)
+    print(f"\nlearning curves: {figure}")
+
+
+if __name__ == "__main__":
+    arguments = sys.argv[1:]
+    main(Path(arguments[0]) if arguments else Path("experiments/results/long-e60"),
+         Path(arguments[1]) if len(arguments) > 1 else Path("docs/figures/long_curves.png"))
