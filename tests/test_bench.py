@@ -11,6 +11,10 @@ def test_bench_quick_reports_every_figure(capsys):
     for row in result["training"].values():
         assert set(row["epoch_seconds"]) == {"dense", "masked", "csr"}
         assert all(t > 0 for t in row["epoch_seconds"].values()) and row["dense_over_csr"] > 0
+        # the limit line: the same step against 3 multiply-adds per connection at the GEMM rate
+        limit = 3 * row["connections"]["csr"] * result["settings"]["batch"] / row["gemm_multiply_adds_per_second"]
+        assert abs(row["step_limit_seconds"] - limit) < 1e-12
+        assert row["csr_over_limit"] == row["step_seconds"]["csr"] / row["step_limit_seconds"]
     assert set(result["rewiring"]) == {"random", "synthesis", "gradient"}
     assert all(r["share_of_epoch"] > 0 for r in result["rewiring"].values())
     assert len(result["scaling"]) == 2 and all(r["train_step_seconds"] > 0 for r in result["scaling"].values())
@@ -25,5 +29,6 @@ def test_bench_quick_reports_every_figure(capsys):
     for table in bench_tables(result):
         console.print(table)
     text = console.export_text()
-    for title in ("training epoch", "rewiring step", "csr scaling", "inference latency", "peak training memory"):
+    for title in ("training epoch", "against the machine's limit", "rewiring step", "csr scaling",
+                  "inference latency", "peak training memory"):
         assert title in text

@@ -83,12 +83,21 @@ def _alternate(contenders: dict[str, Callable[[], None]], rounds: int, repeat: i
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def gemm_rate(n: int = 1000, batch: int = 128, rounds: int = 5) -> float:
+    """Multiply-adds per second of a dense ``[n, n] × [n, batch]`` product in this process, at
+    this process's thread count: the machine's practical limit for the layers' arithmetic."""
+    a, b = torch.randn(n, n), torch.randn(n, batch)
+    seconds = _alternate({"mm": lambda: torch.mm(a, b)}, rounds, 20)["mm"]
+    return n * n * batch / seconds
+
+
 def bench_training(s: BenchSettings, log: Callable[[str], None]) -> dict:
     """Seconds per training epoch (forward, backward, optimizer step) per backend and ε."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(s.batch, s.sizes[0], generator=generator)
     y = torch.randint(0, s.sizes[-1], (s.batch,), generator=generator)
     result = {}
+    rate = gemm_rate(s.sizes[1] if len(s.sizes) > 2 else s.sizes[0], s.batch)
     for epsilon in s.epsilons:
         log(f"training step, ε = {epsilon:g}: dense vs masked vs csr")
         contenders, sizes = {}, {}
@@ -98,8 +107,11 @@ def bench_training(s: BenchSettings, log: Callable[[str], None]) -> dict:
             contenders[backend] = lambda m=model, o=optimizer: _train_step(m, o, x, y)
             sizes[backend] = _connections(model)
         seconds = _alternate(contenders, s.rounds, s.timed_batches)
+        limit = 3 * sizes["csr"] * s.batch / rate
         result[f"eps{epsilon:g}"] = {
             "epsilon": epsilon, "connections": sizes,
+            "gemm_multiply_adds_per_second": rate, "step_limit_seconds": limit,
+            "step_seconds": seconds, "csr_over_limit": seconds["csr"] / limit,
             "epoch_seconds": {b: t * s.batches_per_epoch for b, t in seconds.items()},
             "dense_over_csr": seconds["dense"] / seconds["csr"], "masked_over_csr": seconds["masked"] / seconds["csr"],
         }

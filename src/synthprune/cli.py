@@ -573,6 +573,16 @@ def bench_tables(r: dict) -> list[Table]:
         t.add_row(f"{row['epsilon']:g}", f"{row['connections']['csr']:,}", f"{e['dense']:.2f}", f"{e['masked']:.2f}",
                   f"{e['csr']:.2f}", f"{row['dense_over_csr']:.2f}x", f"{row['masked_over_csr']:.2f}x")
     tables.append(t)
+    t = Table(title="csr training step against the machine's limit",
+              caption="limit: 3 multiply-adds per connection and example at the dense GEMM rate measured here")
+    for column in ("ε", "GEMM rate (GMAC/s)", "limit (ms)", "csr step (ms)", "csr / limit"):
+        t.add_column(column, justify="right")
+    for row in r["training"].values():
+        if "step_limit_seconds" in row:  # bench files from before the limit line lack it
+            t.add_row(f"{row['epsilon']:g}", f"{row['gemm_multiply_adds_per_second'] / 1e9:.1f}",
+                      f"{1e3 * row['step_limit_seconds']:.3f}", f"{1e3 * row['step_seconds']['csr']:.3f}",
+                      f"{row['csr_over_limit']:.1f}x")
+    tables.append(t)
     t = Table(title="rewiring step (csr, ε = 20)")
     for column in ("strategy", "seconds", "share of a csr epoch"):
         t.add_column(column, justify="right")
