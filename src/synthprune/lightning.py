@@ -7,7 +7,10 @@
     trainer.fit(module)                    # module holds sparse layers (SparseMLP, sparsify(...))
     trainer.fit(module, ckpt_path="last.ckpt")   # resumes the wiring's schedule and random draws too
 
-Needs the optional extra: ``pip install 'synthprune[lightning]'``.
+Needs the optional extra: ``pip install 'synthprune[lightning]'``. Tested on one process. Under
+Lightning's DDP strategy use ``backend="masked"`` layers: their tensors keep their shape when
+the wiring changes, whereas a compressing csr layer swaps in a resized tensor that Lightning's
+DDP wrapper holds (in your own loop, :func:`synthprune.rewire_ddp` rebuilds the wrapper).
 
 The callback builds its :class:`~synthprune.rewiring.Rewirer` in ``on_fit_start``, once the
 optimizer exists (``configure_optimizers`` runs after a module's ``on_load_checkpoint``, so a
