@@ -138,3 +138,18 @@ def test_a_run_from_before_a_new_setting_existed_is_still_recognised(tmp_path):
     (run.out / "config.yaml").write_text(yaml.safe_dump(saved))
     (result,) = run_sweep([run], out)
     assert result.status == "skipped"
+
+
+def test_sweep_csv_accumulates_across_invocations(tmp_path):
+    out = tmp_path / "sweep"
+    configs = {"none": {"grow": "none", "epochs": 1}}
+    run_sweep(plan(configs, [0], out, "digits-mlp"), out, jobs=1)
+    run_sweep(plan(configs, [1], out, "digits-mlp"), out, jobs=1)  # another seed, later
+    rows = read(out / "sweep.csv")
+    assert [(r["config"], r["seed"]) for r in rows] == [("none", "1"), ("none", "0")]  # this one's, then earlier
+    assert [r["status"] for r in rows] == ["finished", "skipped"]
+    assert "| none | 2 |" in (out / "summary.md").read_text()  # both seeds in the mean
+    (out / "none-s0" / "final" / "config.json").write_text("{")  # a damaged earlier run: listed, not fatal
+    run_sweep(plan(configs, [1], out, "digits-mlp"), out, jobs=1)
+    rows = read(out / "sweep.csv")
+    assert rows[1]["status"] == "failed" and "config.json" in rows[1]["error"]

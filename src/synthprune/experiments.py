@@ -13,6 +13,7 @@ import contextlib
 import csv
 import io
 import itertools
+import json
 import os
 import re
 import signal
@@ -27,8 +28,8 @@ from pathlib import Path
 
 import yaml
 
-from synthprune.config import TrainConfig, load_config
-from synthprune.files import FolderLock, atomic_write, clean_temporaries, read_yaml
+from synthprune.config import TrainConfig, config_from_file, load_config
+from synthprune.files import FolderLock, atomic_write, clean_temporaries, read_json, read_yaml
 from synthprune.rundir import RunDir
 from synthprune.runs import run_name
 
@@ -302,8 +303,30 @@ def run_sweep(runs: list[SweepRun], out: str | Path, jobs: int | None = None,
             pool.shutdown(wait=True, cancel_futures=True)
         order = {run.label: i for i, run in enumerate(runs)}
         results.sort(key=lambda r: order[r.run.label])
-        write_results(results, out)
+        # sweep.csv and summary.md accumulate: finished runs of earlier invocations (other seeds
+        # or configurations in the same folder) are listed too, after this one's.
+        earlier = _earlier_runs(out, {run.out.resolve() for run in runs})
+        write_results(results + earlier, out)
     return results
+
+
+def _earlier_runs(out: Path, planned: set[Path]) -> list[RunResult]:
+    """Finished runs in ``out`` that this invocation did not plan (``<configuration>-s<seed>``),
+    as results of status ``skipped``, ordered by configuration and seed."""
+    found = []
+    for info in sorted(out.glob("*-s*/final/config.json")):
+        folder = info.parent.parent
+        name, _, seed = folder.name.rpartition("-s")
+        if folder.resolve() in planned or not seed.isdigit() or not RunDir(folder).is_finished():
+            continue
+        try:
+            config = config_from_file(read_json(info, "train the run again")["config"], info)
+            run = SweepRun(name, int(seed), config, folder)
+            found.append(RunResult(run, "skipped", summary=_summary(run)))
+        except (ValueError, KeyError, TypeError) as exc:  # a damaged earlier run: listed, never fatal here
+            run = SweepRun(name, int(seed), TrainConfig(), folder)
+            found.append(RunResult(run, "failed", error=str(exc).splitlines()[0][:200]))
+    return sorted(found, key=lambda r: (r.run.name, r.run.seed))
 
 
 def clean_sweep_temporaries(out: Path) -> None:
@@ -328,7 +351,6 @@ def _signals_as_interrupt():
 
 def _summary(run: SweepRun) -> dict:
     """What the sweep tables need from a finished run, residual network included."""
-    import json
 
     from synthprune.residual import residual_network
     from synthprune.runs import load_run_model
