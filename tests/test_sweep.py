@@ -153,3 +153,22 @@ def test_sweep_csv_accumulates_across_invocations(tmp_path):
     run_sweep(plan(configs, [1], out, "digits-mlp"), out, jobs=1)
     rows = read(out / "sweep.csv")
     assert rows[1]["status"] == "failed" and "config.json" in rows[1]["error"]
+
+
+def test_a_run_whose_summary_fails_is_reported_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    # As when a sweep's own code cannot read what a newer worker wrote: one failure, not a crash.
+    import synthprune.experiments as experiments
+
+    real = experiments._summary
+
+    def summary(run):
+        if run.seed == 0:
+            raise ValueError("final/config.json: unknown config key(s) ['newer']")
+        return real(run)
+
+    monkeypatch.setattr(experiments, "_summary", summary)
+    out = tmp_path / "sweep"
+    results = run_sweep(plan({"none": {"grow": "none", "epochs": 1}}, [0, 1], out, "digits-mlp"), out, jobs=1)
+    assert [r.status for r in results] == ["failed", "finished"]
+    assert "summary failed" in results[0].error and "unknown config key" in results[0].error
+    assert [row["status"] for row in read(out / "sweep.csv")] == ["failed", "finished"]

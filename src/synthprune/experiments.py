@@ -281,12 +281,15 @@ def run_sweep(runs: list[SweepRun], out: str | Path, jobs: int | None = None,
         workers = _Workers(strategies)
 
         def execute(run: SweepRun, args: list[str] | None, action: str) -> tuple[RunResult, str]:
-            if args is None:
-                return RunResult(run, "skipped", summary=_summary(run)), action
-            code, last_line = workers.train(args, threads)
-            if code != 0:
-                return RunResult(run, "failed", error=last_line), action
-            return RunResult(run, "finished", summary=_summary(run)), action
+            if args is not None:
+                code, last_line = workers.train(args, threads)
+                if code != 0:
+                    return RunResult(run, "failed", error=last_line), action
+            try:
+                summary = _summary(run)
+            except (ValueError, KeyError, TypeError, RuntimeError) as exc:  # its records: reported, never fatal
+                return RunResult(run, "failed", error=f"trained, but its summary failed: {exc}"[:300]), action
+            return RunResult(run, "skipped" if args is None else "finished", summary=summary), action
 
         pool = ThreadPoolExecutor(max_workers=jobs)
         try:
