@@ -32,3 +32,16 @@ def test_bench_quick_reports_every_figure(capsys):
     for title in ("training epoch", "against the machine's limit", "rewiring step", "csr scaling",
                   "inference latency", "peak training memory"):
         assert title in text
+
+
+def test_bench_under_load_measures_each_backend_and_stops_its_load(capsys):
+    import subprocess
+
+    assert main(["bench", "--quick", "--under-load", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["under_load"]
+    for backend in ("dense", "masked", "csr"):
+        row = result[backend]
+        assert row["one_thread"]["threads"] == 1 and row["default"]["step_seconds"] > 0
+        assert row["default_over_best"] >= 1.0
+    left = subprocess.run(["pgrep", "-f", "while True: pass"], capture_output=True, text=True).stdout.split()
+    assert not left, "the busy processes were not stopped"

@@ -221,6 +221,61 @@ def bench_memory(s: BenchSettings, log: Callable[[str], None]) -> dict:
     return result
 
 
+_STEP_SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    import torch
+    from synthprune.bench import _mlp, _train_step
+
+    sizes, backend, epsilon, batch, threads, steps = json.loads(sys.argv[1])
+    if threads:
+        torch.set_num_threads(threads)
+    model = _mlp(sizes, backend, epsilon)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(batch, sizes[0]), torch.randint(0, sizes[-1], (batch,))
+    for _ in range(3):
+        _train_step(model, optimizer, x, y)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        _train_step(model, optimizer, x, y)
+        times.append(time.perf_counter() - start)
+    print(json.dumps([torch.get_num_threads(), sorted(times)[len(times) // 2]]))
+""")
+
+
+def bench_under_load(s: BenchSettings, log: Callable[[str], None]) -> dict:
+    """A training step per backend at ε = 20, wall time (median), at 1 thread and at the default
+    thread count, while one busy process per core keeps the machine loaded; each measurement in
+    a fresh process that inherits this one's environment (the command line's passive OpenMP
+    wait policy included). The busy processes are stopped however this ends."""
+    import os
+
+    cores = os.cpu_count() or 1
+    log(f"under load: {cores} busy process(es), one per core")
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    result = {"busy_processes": cores, "wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
+    try:
+        for backend in ("dense", "masked", "csr"):
+            row = {}
+            for label, threads in (("one_thread", 1), ("default", 0)):
+                args = json.dumps([list(s.sizes), backend, 20.0, s.batch, threads, max(5, 4 * s.timed_batches)])
+                process = subprocess.run([sys.executable, "-c", _STEP_SCRIPT, args], capture_output=True, text=True)
+                if process.returncode != 0:
+                    raise RuntimeError(f"step under load ({backend}) failed: {process.stderr.strip()[-300:]}")
+                used, seconds = json.loads(process.stdout.strip().splitlines()[-1])
+                row[label] = {"threads": used, "step_seconds": seconds}
+            best = min(v["step_seconds"] for v in row.values())
+            row["default_over_best"] = row["default"]["step_seconds"] / best
+            result[backend] = row
+            log(f"  {backend}: 1 thread {1e3 * row['one_thread']['step_seconds']:.1f} ms, default "
+                f"({row['default']['threads']} threads) {1e3 * row['default']['step_seconds']:.1f} ms")
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+    return result
+
+
 def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict:
     """Every measurement; a JSON-ready dict."""
     result = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -535,6 +535,9 @@ def bench(
     quick: Annotated[bool, typer.Option(help="Small sizes and few repeats: a smoke test, not figures.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
     memory: Annotated[bool, typer.Option(help="Measure peak training memory (a fresh process each).")] = True,
+    under_load: Annotated[bool, typer.Option(
+        help="Instead: start one busy process per core, time a training step per backend at 1 thread and "
+             "at the default, then stop the load.")] = False,
 ) -> None:
     """Measure speed and memory of the backends on the reference MLP.
 
@@ -554,12 +557,34 @@ def bench(
         else:
             console.print(line, style="dim")
 
+    if under_load:
+        from synthprune.bench import bench_under_load
+
+        result = {"under_load": bench_under_load(settings, log)}
+        if json_output:
+            print(json.dumps(result, indent=2))
+        else:
+            show(under_load_table(result["under_load"]))
+        return
     result = run_bench(settings, log)
     if json_output:
         print(json.dumps(result, indent=2))
         return
     for table in bench_tables(result):
         show(table)
+
+
+def under_load_table(r: dict) -> Table:
+    t = Table(title=f"training step under load ({r['busy_processes']} busy processes), ms",
+              caption=f"wall time, median; OpenMP wait policy {r['wait_policy']}")
+    for column in ("backend", "1 thread", "default", "default threads", "default / best"):
+        t.add_column(column, justify="right")
+    for backend in ("dense", "masked", "csr"):
+        row = r[backend]
+        one, default = row["one_thread"], row["default"]
+        t.add_row(backend, f"{1e3 * one['step_seconds']:.1f}", f"{1e3 * default['step_seconds']:.1f}",
+                  str(default["threads"]), f"{row['default_over_best']:.2f}x")
+    return t
 
 
 def bench_tables(r: dict) -> list[Table]:
