@@ -20,18 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synthprune.layers import SparseLayer, initial_values, resolve_count
-from synthprune.topology import TopologyError, random_keys
+from synthprune.layers import MaskedConnections, initial_values, keep_dense_weights, resolve_count
+from synthprune.topology import random_keys
 
 __all__ = ["SparseConv1d", "SparseConv2d", "SparseConvNd"]
 
 
-class SparseConvNd(SparseLayer):
+class SparseConvNd(MaskedConnections):
     """A convolution with a sparse, rewirable set of weights (masked backend). Built from the
     same arguments as ``nn.ConvNd`` plus the sparsity (one of ``epsilon``, ``density``,
     ``connections``; ε counts the layer as its ``[C_out, C_in/groups·K]`` matrix)."""
 
-    backend = "masked"
     dims: int = 0
     _conv = None
 
@@ -93,40 +92,7 @@ class SparseConvNd(SparseLayer):
                     conv.groups, conv.bias is not None, connections=connections,
                     init="sparse_kaiming" if init == "keep" else init, generator=generator,
                     device=weight.device, dtype=weight.dtype)
-        if init == "keep":
-            with torch.no_grad():
-                keys = layer.keys()
-                layer.set_connections(keys, weight.detach().reshape(-1)[keys].clone())
-                if conv.bias is not None:
-                    layer.bias.copy_(conv.bias)
-        return layer
-
-    def keys(self) -> torch.Tensor:
-        return self.mask.view(-1).nonzero().squeeze(1)
-
-    def connection_values(self) -> torch.Tensor:
-        return self.weight.view(-1)[self.keys()]
-
-    def connection_parameter(self) -> nn.Parameter:
-        return self.weight
-
-    def set_connections(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        device = self.weight.device
-        keys, values = keys.to(device), values.to(device, self.weight.dtype)
-        self._validate(keys, values)
-        self.mask.zero_().view(-1)[keys] = True
-        self.weight.data.zero_().view(-1)[keys] = values
-
-    def carry_over(self, old: torch.Tensor, kept_old: torch.Tensor, kept_new: torch.Tensor) -> torch.Tensor:
-        flat = self.keys()[kept_new.to(old.device)]
-        new = torch.zeros_like(old)
-        new.view(-1)[flat] = old.view(-1)[flat]
-        return new
-
-    def check(self) -> None:
-        super().check()
-        if bool((self.weight.detach()[~self.mask] != 0).any()):
-            raise TopologyError("masked convolution has non-zero weights outside its mask")
+        return keep_dense_weights(layer, conv) if init == "keep" else layer
 
     def weight_gradient(self, inputs: torch.Tensor, grad_outputs: torch.Tensor) -> torch.Tensor:
         """The dense ``∂L/∂W`` ``[C_out, C_in/groups·K]`` at every slot, present or not, from

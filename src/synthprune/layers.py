@@ -27,7 +27,10 @@ from torch import nn
 
 from synthprune.topology import TopologyError, check_topology, er_count, keys_to_edge_index, random_keys, uniform_count
 
-__all__ = ["BACKENDS", "INITS", "CSRLinear", "DenseLinear", "MaskedLinear", "SparseLayer", "SparseLinear"]
+__all__ = [
+    "BACKENDS", "INITS", "CSRLinear", "DenseLinear", "MaskedConnections", "MaskedLinear", "SparseLayer", "SparseLinear",
+    "keep_dense_weights",
+]
 
 BACKENDS = ("csr", "masked")
 INITS = ("sparse_kaiming", "dense_default")
@@ -465,17 +468,14 @@ class CSRLinear(SparseLinear):
                 raise ValueError(f"{prefix or 'layer'}: the loaded wiring is invalid ({exc})") from None
 
 
-class MaskedLinear(SparseLinear):
-    """Dense weight × boolean mask. Absent weights are kept at exactly 0."""
+class MaskedConnections(SparseLayer):
+    """The masked storage every masked layer shares (linear or convolution): a dense
+    ``weight`` Parameter and a persistent boolean ``mask`` of the same shape; absent weights
+    are kept at exactly 0. A key is the flat index into ``weight``."""
 
     backend = "masked"
-
-    def _allocate(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        shape = (self.out_features, self.in_features)
-        self.weight = nn.Parameter(values.new_zeros(shape))
-        self.register_buffer("mask", torch.zeros(shape, dtype=torch.bool, device=keys.device))
-        with torch.no_grad():
-            self.set_connections(keys, values)
+    weight: nn.Parameter
+    mask: torch.Tensor
 
     def keys(self) -> torch.Tensor:
         return self.mask.view(-1).nonzero().squeeze(1)
@@ -502,11 +502,33 @@ class MaskedLinear(SparseLinear):
     def check(self) -> None:
         super().check()
         if bool((self.weight.detach()[~self.mask] != 0).any()):
-            raise TopologyError("masked layer has non-zero weights outside its mask")
+            raise TopologyError(f"{type(self).__name__} has non-zero weights outside its mask")
+
+
+class MaskedLinear(MaskedConnections, SparseLinear):
+    """Dense weight × boolean mask. Absent weights are kept at exactly 0."""
+
+    def _allocate(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        shape = (self.out_features, self.in_features)
+        self.weight = nn.Parameter(values.new_zeros(shape))
+        self.register_buffer("mask", torch.zeros(shape, dtype=torch.bool, device=keys.device))
+        with torch.no_grad():
+            self.set_connections(keys, values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         return F.linear(x, self.weight * self.mask, self.bias)
+
+
+def keep_dense_weights(layer: SparseLayer, dense: nn.Module) -> SparseLayer:
+    """Give ``layer`` the weights (and bias) that ``dense`` (an ``nn.Linear`` or ``nn.ConvNd``
+    of the same shape) has at ``layer``'s connections: ``sparsify(..., init="keep")``."""
+    with torch.no_grad():
+        keys = layer.keys()
+        layer.set_connections(keys, dense.weight.detach().reshape(-1)[keys].clone())
+        if dense.bias is not None:
+            layer.bias.copy_(dense.bias)
+    return layer
 
 
 def _crow_from_sorted_rows(rows: torch.Tensor, n_rows: int) -> torch.Tensor:

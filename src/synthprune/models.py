@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 from synthprune.conv import SparseConv1d, SparseConv2d
-from synthprune.layers import DenseLinear, SparseLayer, SparseLinear, check_backend, initial_values
+from synthprune.layers import (
+    DenseLinear,
+    SparseLayer,
+    SparseLinear,
+    check_backend,
+    initial_values,
+    keep_dense_weights,
+)
 from synthprune.topology import er_count, erk_counts, uniform_count
 
 __all__ = [
@@ -302,11 +309,5 @@ def _sparse_from_linear(
         backend=backend, init="sparse_kaiming" if init == "keep" else init, generator=generator,
         device=weight.device, dtype=weight.dtype,
     )
-    if init == "keep":
-        with torch.no_grad():
-            keys = layer.keys()
-            layer.set_connections(keys, weight.detach().reshape(-1)[keys].clone())
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-    return layer
+    return keep_dense_weights(layer, linear) if init == "keep" else layer
 

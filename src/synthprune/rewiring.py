@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from synthprune.compression import COMPRESS_SCOPES, LayerShape, final_counts
-from synthprune.layers import SparseLayer, SparseLinear
+from synthprune.layers import SparseLayer
 from synthprune.models import sparse_layers
 from synthprune.schedules import CompressionPlan, RewireSchedule, ZetaSchedule
 from synthprune.strategies import (
@@ -414,15 +414,17 @@ class Rewirer:
             pieces = [p[name] for p in parts if name in p]
             if not pieces:
                 continue
-            if isinstance(layer, SparseLinear):
-                signals[name] = (torch.cat([x for x, _ in pieces]), torch.cat([g for _, g in pieces]), None)
-            else:
-                signals[name] = (None, None, sum(layer.weight_gradient(x, g) for x, g in pieces))
+            dense = [layer.weight_gradient(x, g) for x, g in pieces]
+            if dense[0] is not None:  # the layer forms its dense gradient (a convolution)
+                signals[name] = (None, None, sum(dense))
+                continue
+            # A linear layer: every leading dimension is a row; the grower forms the gradient in chunks.
+            signals[name] = (torch.cat([x.reshape(-1, x.shape[-1]) for x, _ in pieces]),
+                             torch.cat([g.reshape(-1, g.shape[-1]) for _, g in pieces]), None)
         return signals
 
     def _one_batch_signals(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, tuple]:
-        """Each sparse layer's input and loss gradient w.r.t. its output on one batch; linear
-        layers' flattened to ``[rows, n_in]`` / ``[rows, n_out]``."""
+        """Each sparse layer's input and the loss gradient w.r.t. its output on one batch."""
         captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         hooks = [
             layer.register_forward_hook(lambda m, args, out, name=name: captured.__setitem__(name, (args[0], out)))
@@ -437,14 +439,9 @@ class Rewirer:
             for hook in hooks:
                 hook.remove()
         signals = {}
-        layers = dict(self.layers)
         for name, grad in zip(names, grads, strict=True):
             x, out = captured[name]
-            grad = torch.zeros_like(out) if grad is None else grad
-            if isinstance(layers[name], SparseLinear):
-                signals[name] = (x.detach().reshape(-1, x.shape[-1]), grad.reshape(-1, out.shape[-1]))
-            else:
-                signals[name] = (x.detach(), grad)
+            signals[name] = (x.detach(), torch.zeros_like(out) if grad is None else grad)
         return signals
 
     def maybe_step(self, step: int, batch=None, *, compress: bool = True) -> list[LayerReport] | None:
