@@ -207,8 +207,9 @@ def compact_sequential(model: nn.Module, example_input: torch.Tensor | None = No
             value = inputs[layer.index].double().reshape(-1)
             constant = ~cols & ~reached[k]
             bias += (weight[:, constant] * value[constant]).sum(1)
-        built.append(_compact_layer(layer, weight[rows][:, cols], mask[rows][:, cols], bias[rows], form, dtype))
-        connections_after.append(int(mask[rows][:, cols].sum()))
+        kept_mask = mask[rows][:, cols]
+        built.append(_compact_layer(layer, weight[rows][:, cols], kept_mask, bias[rows], form, dtype))
+        connections_after.append(int(kept_mask.sum()))
     layers = _assemble(modules, weights, built)
     layers.eval()
     neurons_before = [weights[0].weight.shape[1]] + [w.weight.shape[0] for w in weights]
