@@ -42,6 +42,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e '.[dev,onnx,lightning]'
+	@# the csr layer's C++ kernel, built once (~20 s); without a compiler csr uses torch.sparse
+	$(PY) -c "from synthprune import csr_kernel; print('csr path:', csr_kernel.describe())"
 	touch $@
 
 clean:

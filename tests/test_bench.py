@@ -2,14 +2,21 @@
 
 import json
 
+from synthprune import csr_kernel
 from synthprune.cli import main
 
 
 def test_bench_quick_reports_every_figure(capsys):
     assert main(["bench", "--quick", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
+    fast = csr_kernel.ops() is not None
+    # with the fast csr kernel, the same csr model on torch.sparse is timed beside it
+    contenders = {"dense", "masked", "csr"} | ({"csr_torch_sparse"} if fast else set())
+    assert result["machine"]["csr_path"] == csr_kernel.describe()
     for row in result["training"].values():
-        assert set(row["epoch_seconds"]) == {"dense", "masked", "csr"}
+        assert set(row["epoch_seconds"]) == contenders
+        if fast:
+            assert row["torch_sparse_over_fast"] == row["step_seconds"]["csr_torch_sparse"] / row["step_seconds"]["csr"]
         assert all(t > 0 for t in row["epoch_seconds"].values()) and row["dense_over_csr"] > 0
         # the limit line: the same step against 3 multiply-adds per connection at the GEMM rate
         limit = 3 * row["connections"]["csr"] * result["settings"]["batch"] / row["gemm_multiply_adds_per_second"]
@@ -18,7 +25,8 @@ def test_bench_quick_reports_every_figure(capsys):
     assert set(result["rewiring"]) == {"random", "synthesis", "gradient"}
     assert all(r["share_of_epoch"] > 0 for r in result["rewiring"].values())
     assert len(result["scaling"]) == 2 and all(r["train_step_seconds"] > 0 for r in result["scaling"].values())
-    assert set(result["inference"]["batch1_ms"]) == {"dense", "csr", "residual"}
+    on_torch_sparse = {"csr_torch_sparse", "residual_torch_sparse"} if fast else set()
+    assert set(result["inference"]["batch1_ms"]) == {"dense", "csr", "residual"} | on_torch_sparse
     assert result["memory_bytes"]["dense"] > 0 and result["memory_bytes"]["csr"] > 0
     # the tables the command prints without --json, from the same figures
     from rich.console import Console

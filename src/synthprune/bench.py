@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from synthprune import csr_kernel
 from synthprune.models import SparseMLP
 from synthprune.residual import residual_network
 from synthprune.rewiring import Rewirer
@@ -98,6 +99,7 @@ def bench_training(s: BenchSettings, log: Callable[[str], None]) -> dict:
     y = torch.randint(0, s.sizes[-1], (s.batch,), generator=generator)
     result = {}
     rate = gemm_rate(s.sizes[1] if len(s.sizes) > 2 else s.sizes[0], s.batch)
+    fast = csr_kernel.ops() is not None
     for epsilon in s.epsilons:
         log(f"training step, ε = {epsilon:g}: dense vs masked vs csr")
         contenders, sizes = {}, {}
@@ -106,6 +108,8 @@ def bench_training(s: BenchSettings, log: Callable[[str], None]) -> dict:
             optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
             contenders[backend] = lambda m=model, o=optimizer: _train_step(m, o, x, y)
             sizes[backend] = _connections(model)
+        if fast:  # the same csr model on the torch.sparse path, to show what the kernel gains
+            contenders["csr_torch_sparse"] = lambda step=contenders["csr"]: _on_torch_sparse(step)
         seconds = _alternate(contenders, s.rounds, s.timed_batches)
         limit = 3 * sizes["csr"] * s.batch / rate
         result[f"eps{epsilon:g}"] = {
@@ -115,7 +119,14 @@ def bench_training(s: BenchSettings, log: Callable[[str], None]) -> dict:
             "epoch_seconds": {b: t * s.batches_per_epoch for b, t in seconds.items()},
             "dense_over_csr": seconds["dense"] / seconds["csr"], "masked_over_csr": seconds["masked"] / seconds["csr"],
         }
+        if fast:
+            result[f"eps{epsilon:g}"]["torch_sparse_over_fast"] = seconds["csr_torch_sparse"] / seconds["csr"]
     return result
+
+
+def _on_torch_sparse(step: Callable[[], None]) -> None:
+    with csr_kernel.forced("torch"):
+        step()
 
 
 def bench_rewiring(s: BenchSettings, epoch_seconds: float, log: Callable[[str], None]) -> dict:
@@ -168,7 +179,11 @@ def bench_inference(s: BenchSettings, log: Callable[[str], None]) -> dict:
     for batch in (1, 256):
         x = torch.randn(batch, s.sizes[0])
         calls = s.latency_calls if batch == 1 else max(3, s.latency_calls // 10)
-        seconds = _alternate({name: lambda m=m, x=x: m(x) for name, m in models.items()}, s.rounds, calls)
+        contenders = {name: lambda m=m, x=x: m(x) for name, m in models.items()}
+        if csr_kernel.ops() is not None:  # the csr models again on the torch.sparse path
+            for name in ("csr", "residual"):
+                contenders[f"{name}_torch_sparse"] = lambda call=contenders[name]: _on_torch_sparse(call)
+        seconds = _alternate(contenders, s.rounds, calls)
         result[f"batch{batch}_ms"] = {name: 1000 * t for name, t in seconds.items()}
     return result
 
@@ -279,7 +294,7 @@ def bench_under_load(s: BenchSettings, log: Callable[[str], None]) -> dict:
 def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict:
     """Every measurement; a JSON-ready dict."""
     result = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__,
-                          "python": sys.version.split()[0]},
+                          "python": sys.version.split()[0], "csr_path": csr_kernel.describe()},
               "settings": {"sizes": list(settings.sizes), "batch": settings.batch,
                            "batches_per_epoch": settings.batches_per_epoch, "rounds": settings.rounds,
                            "timed_batches": settings.timed_batches}}

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from synthprune import csr_kernel
 from synthprune.topology import TopologyError, check_topology, er_count, keys_to_edge_index, random_keys, uniform_count
 
 __all__ = [
@@ -284,10 +285,13 @@ class _CSRLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, values, bias, crow, col, t_crow, t_col, t_perm, n_out, n_in):
-        weight = torch.sparse_csr_tensor(crow, col, values, (n_out, n_in), check_invariants=False)
         x_t = x.t().contiguous()  # [n_in, B]; a no-op for activations from a previous sparse layer
         ctx.save_for_backward(x_t, values, crow, col, t_crow, t_col, t_perm)
         ctx.shape = (n_out, n_in)
+        ctx.fast = fast = csr_kernel.usable(x_t, values)
+        if fast is not None:
+            return fast.csr_spmm(crow, col, values, None, x_t, bias).t()
+        weight = torch.sparse_csr_tensor(crow, col, values, (n_out, n_in), check_invariants=False)
         y_t = _product_into_new(weight, x_t) if bias is None else torch.addmm(bias.unsqueeze(1), weight, x_t)
         return y_t.t()
 
@@ -297,6 +301,9 @@ class _CSRLinearFunction(torch.autograd.Function):
         n_out, n_in = ctx.shape
         grad_t = grad_out.t()  # [n_out, B]
         grad_x = grad_values = grad_bias = None
+        if ctx.fast is not None:
+            return (*_fast_backward(ctx.fast, ctx.needs_input_grad, grad_t.contiguous(), x_t, values, crow, col,
+                                    t_crow, t_col, t_perm), None, None, None, None, None, None, None)
         if ctx.needs_input_grad[0]:  # dL/dx = dL/dy · W, via the cached transpose Wᵀ in CSR
             weight_t = torch.sparse_csr_tensor(t_crow, t_col, values[t_perm], (n_in, n_out), check_invariants=False)
             grad_x = _product_into_new(weight_t, grad_t).t()
@@ -308,7 +315,31 @@ class _CSRLinearFunction(torch.autograd.Function):
         return grad_x, grad_values, grad_bias, None, None, None, None, None, None, None
 
 
+def _fast_backward(fast, needs, grad_t, x_t, values, crow, col, t_crow, t_col, t_perm):
+    """(dL/dx, dL/dvalues, dL/dbias) with the C++ kernels. When both the input and the value
+    gradients are wanted, one fused pass over Wᵀ computes them (each gradient row is fetched
+    once, not twice); the bias gradient is summed in the same call."""
+    grad_x = grad_values = grad_bias = None
+    if needs[0] and needs[1]:
+        grad_x_t, grad_values, bias_sums = fast.csr_backward(t_crow, t_col, t_perm, values, grad_t, x_t,
+                                                              bool(needs[2]))
+        return grad_x_t.t(), grad_values, bias_sums if needs[2] else None
+    if needs[0]:
+        grad_x = fast.csr_spmm(t_crow, t_col, values, t_perm, grad_t, None).t()
+    if needs[1] or needs[2]:
+        grad_values, bias_sums = fast.csr_sddmm(crow, col, grad_t, x_t, bool(needs[2]))
+        grad_bias = bias_sums if needs[2] else None
+        grad_values = grad_values if needs[1] else None
+    return grad_x, grad_values, grad_bias
+
+
 _PRODUCT_DTYPES = (torch.float32, torch.float64)
+
+
+def _exporting() -> bool:
+    """Whether torch.export is tracing (torch >= 2.5 can tell)."""
+    check = getattr(torch.compiler, "is_exporting", None)
+    return bool(check and check())
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -432,6 +463,13 @@ class CSRLinear(SparseLinear):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _product(self, flat: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if _exporting() and csr_kernel.usable(flat, values) is None:
+            # torch.sparse's CSR tensors cannot be traced by torch.export (it fails deep inside
+            # with "Values and compressed tensor instance need to be on the same device").
+            raise RuntimeError(
+                f"torch.export cannot trace a csr layer on the torch.sparse path (csr path: "
+                f"{csr_kernel.describe()}). Use the fast csr kernel, or export a dense copy: "
+                "residual_network(model, form='dense'), or synthprune.export_onnx(model, path)")
         return _CSRLinearFunction.apply(
             flat, values, bias, self._crow, self._col,
             self._t_crow, self._t_col, self._t_perm, self.out_features, self.in_features,

@@ -1,0 +1,156 @@
+"""The csr layer's fast CPU path: C++ kernels (``kernels/csr_cpu.cpp``) built once with
+``torch.utils.cpp_extension`` and loaded as the ops ``torch.ops.synthprune.csr_spmm`` (forward and
+input gradient), ``csr_sddmm`` (value gradient) and ``csr_backward`` (both gradients in one
+pass), with ``torch.sparse`` as the fallback.
+
+Which path is used: ``SYNTHPRUNE_CSR_KERNEL`` = ``auto`` (default: the kernel where it builds,
+else ``torch.sparse``), ``fast`` (the kernel or an error) or ``torch`` (always ``torch.sparse``).
+``describe()`` says which and why; ``synthprune list`` and ``synthprune bench`` print it.
+
+The build needs a C++ compiler and ninja and takes ~20 s, once: the library lands in PyTorch's
+extension cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), named by the
+CPU's vector extension (avx2 or generic) so a cache shared between machines never runs code
+their CPU lacks. ``make setup`` builds it; otherwise the first csr product does.
+
+Both paths compute the same products to float rounding (``tests/test_csr_kernel.py``). What the
+kernel gains, per product and per training step, is in ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+ENV = "SYNTHPRUNE_CSR_KERNEL"
+POLICIES = ("auto", "fast", "torch")
+SOURCE = Path(__file__).resolve().parent / "kernels" / "csr_cpu.cpp"
+KERNEL_DTYPES = (torch.float32, torch.float64)
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ops": the op namespace or None, "reason": why not
+_override: list[str] = []  # policies set by `forced`, innermost last
+
+
+class KernelUnavailable(RuntimeError):
+    """``SYNTHPRUNE_CSR_KERNEL=fast`` was asked for and the kernel cannot be built or loaded."""
+
+
+def policy() -> str:
+    """The path asked for: by ``forced``, else in ``SYNTHPRUNE_CSR_KERNEL`` (``auto`` when unset)."""
+    if _override:
+        return _override[-1]
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in POLICIES:
+        raise KernelUnavailable(f"{ENV}={value!r} is not one of {', '.join(POLICIES)}")
+    return value
+
+
+@contextmanager
+def forced(chosen: str) -> Iterator[None]:
+    """Within the block, products take the path ``chosen`` (``auto``, ``fast`` or ``torch``)
+    whatever the environment says: how the benchmark times both paths in one process."""
+    if chosen not in POLICIES:
+        raise ValueError(f"csr path must be one of {', '.join(POLICIES)}, got {chosen!r}")
+    _override.append(chosen)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def _vector_flags() -> tuple[str, list[str]]:
+    """(name suffix, compiler flags) for the vector extensions this CPU has, as PyTorch sees them."""
+    capability = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "DEFAULT"
+    if capability in ("AVX2", "AVX512") and sys.platform.startswith("linux"):
+        return "avx2", ["-mavx2", "-mfma"]
+    return "generic", []
+
+
+def _build():
+    """Build (or find already built) and load the kernel; returns ``torch.ops.synthprune``."""
+    from torch.utils import cpp_extension
+
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        raise KernelUnavailable("no C++ compiler found (install g++ or set CXX)")
+    if not cpp_extension.is_ninja_available():
+        raise KernelUnavailable("ninja is not installed (pip install ninja)")
+    suffix, flags = _vector_flags()
+    name = f"synthprune_csr_{suffix}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    if not any(Path(root).glob(f"**/{name}/{name}.so")):  # torch puts it in e.g. py311_cpu/NAME/
+        print(f"synthprune: building the fast csr kernel once (~20 s) in {root}", file=sys.stderr)
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # compiler-version notes from cpp_extension
+        cpp_extension.load(
+            name, [str(SOURCE)], extra_cflags=["-O3", *flags, *openmp],
+            extra_ldflags=openmp, is_python_module=False, verbose=False)
+    _register_fakes()
+    return torch.ops.synthprune
+
+
+def _register_fakes() -> None:
+    """Shape-only versions of the ops, so ``torch.compile`` and ``torch.export`` can trace them."""
+    register = getattr(torch.library, "register_fake", None) or torch.library.impl_abstract
+
+    @register("synthprune::csr_spmm")
+    def _spmm(crow, col, values, perm, x_t, bias):
+        return x_t.new_empty(crow.shape[0] - 1, x_t.shape[1])
+
+    @register("synthprune::csr_sddmm")
+    def _sddmm(crow, col, grad_t, x_t, with_bias):
+        return x_t.new_empty(col.shape[0]), x_t.new_empty(grad_t.shape[0] if with_bias else 0)
+
+    @register("synthprune::csr_backward")
+    def _backward(t_crow, t_col, t_perm, values, grad_t, x_t, with_bias):
+        return (x_t.new_empty(x_t.shape), x_t.new_empty(values.shape[0]),
+                x_t.new_empty(grad_t.shape[0] if with_bias else 0))
+
+
+def ops():
+    """``torch.ops.synthprune`` when the fast path is in use, else ``None`` (``torch.sparse``).
+
+    Built or loaded on the first call, once per process. Raises ``KernelUnavailable`` only under
+    ``SYNTHPRUNE_CSR_KERNEL=fast``."""
+    chosen = policy()
+    if chosen == "torch":
+        return None
+    with _lock:
+        if "ops" not in _state:
+            try:
+                _state["ops"], _state["reason"] = _build(), ""
+            except Exception as exc:  # any build or load failure means: fall back, and say why
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                _state["ops"], _state["reason"] = None, first
+    if _state["ops"] is None and chosen == "fast":
+        raise KernelUnavailable(f"the fast csr kernel is unavailable: {_state['reason']} ({ENV}=fast)")
+    return _state["ops"]
+
+
+def usable(*tensors: torch.Tensor):
+    """The ops if the fast path applies to these operands (CPU, float32/float64), else ``None``."""
+    if any(t.device.type != "cpu" or t.dtype not in KERNEL_DTYPES for t in tensors):
+        return None
+    return ops()
+
+
+def describe() -> str:
+    """One line: which csr path this process uses, and why (builds the kernel if needed)."""
+    try:
+        chosen = policy()
+        found = ops()
+    except KernelUnavailable as exc:
+        return f"unavailable: {exc}"
+    if found is not None:
+        return f"fast C++ kernel ({_vector_flags()[0]}; {ENV}=torch for torch.sparse)"
+    if chosen == "torch":
+        return f"torch.sparse ({ENV}=torch)"
+    return f"torch.sparse (the fast kernel did not build: {_state['reason']})"

@@ -1,0 +1,346 @@
+// synthprune's CPU kernels for the csr layer (see synthprune/csr_kernel.py, which builds and
+// loads this file, and benchmarks/README.md for what they gain).
+//
+// Layout: activations are batch-minor, [n, B] row-major (the transposed view the csr layer
+// passes between layers), so every connection touches B contiguous values. The kernels are
+// bound by fetching those rows, not by arithmetic: they keep what they accumulate in
+// registers, prefetch the rows of the connections ahead, and fuse the bias (forward) and the
+// bias gradient (sampled product). Rows are split between threads with at::parallel_for; no
+// two threads write the same output.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// One 32-byte register of T (GCC/Clang vector extensions: AVX2 where built with -mavx2,
+// two SSE/NEON registers otherwise), with unaligned loads.
+template <typename T>
+struct Reg {
+  typedef T type __attribute__((vector_size(32)));
+  static constexpr int64_t lanes = 32 / sizeof(T);
+  static inline type load(const T* p) {
+    type r;
+    __builtin_memcpy(&r, p, sizeof r);
+    return r;
+  }
+  static inline void store(T* p, type r) { __builtin_memcpy(p, &r, sizeof r); }
+  static inline T sum(type r) {
+    T s = 0;
+    for (int64_t l = 0; l < lanes; ++l) s += r[l];
+    return s;
+  }
+};
+
+// Registers of accumulators per block of batch values in the products: 8 leaves room for the
+// broadcast value and the loads among AVX2's 16.
+constexpr int64_t kBlockRegs = 8;
+// How many connections ahead the products prefetch their input rows. The rows are random
+// (one per connection), so the hardware prefetcher cannot guess them; without this the
+// forward product ran 5x slower (2.0 against 0.37 ms for 1000 -> 1000 at eps = 20, batch 128).
+constexpr int64_t kPrefetchAhead = 4;
+
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
+}
+
+// y[i, :] = bias[i] + sum over the row's connections k of values[perm[k]] * x[col[k], :].
+// x: [n_in, batch], y: [n_rows, batch], both row-major (batch-minor).
+template <typename T, typename I>
+void spmm_kernel(const I* __restrict__ crow, const I* __restrict__ col, const T* __restrict__ values,
+                 const int64_t* __restrict__ perm, const T* __restrict__ x, const T* __restrict__ bias,
+                 T* __restrict__ y, int64_t n_rows, int64_t batch) {
+  using R = Reg<T>;
+  constexpr int64_t W = kBlockRegs * R::lanes;  // batch values per block
+  at::parallel_for(0, n_rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T start = bias ? bias[i] : T(0);
+      const int64_t k0 = crow[i], k1 = crow[i + 1];
+      T* __restrict__ out = y + i * batch;
+      int64_t t0 = 0;
+      for (; t0 + W <= batch; t0 += W) {
+        typename R::type acc[kBlockRegs];
+        for (int64_t r = 0; r < kBlockRegs; ++r) acc[r] = typename R::type{} + start;
+        for (int64_t k = k0; k < k1; ++k) {
+          if (k + kPrefetchAhead < k1)
+            prefetch_bytes(x + static_cast<int64_t>(col[k + kPrefetchAhead]) * batch + t0, W * sizeof(T));
+          const T v = values[perm ? perm[k] : k];
+          const T* in = x + static_cast<int64_t>(col[k]) * batch + t0;
+          for (int64_t r = 0; r < kBlockRegs; ++r) acc[r] += v * R::load(in + r * R::lanes);
+        }
+        for (int64_t r = 0; r < kBlockRegs; ++r) R::store(out + t0 + r * R::lanes, acc[r]);
+      }
+      // The last batch values, fewer than a block (all of them at small batches, e.g. batch 1
+      // in inference): one register at a time, then one value at a time, each accumulated in
+      // a register over the row's connections.
+      for (; t0 + R::lanes <= batch; t0 += R::lanes) {
+        typename R::type acc = typename R::type{} + start;
+        for (int64_t k = k0; k < k1; ++k)
+          acc += values[perm ? perm[k] : k] * R::load(x + static_cast<int64_t>(col[k]) * batch + t0);
+        R::store(out + t0, acc);
+      }
+      for (; t0 < batch; ++t0) {
+        T acc = start;
+        for (int64_t k = k0; k < k1; ++k) acc += values[perm ? perm[k] : k] * x[static_cast<int64_t>(col[k]) * batch + t0];
+        out[t0] = acc;
+      }
+    }
+  });
+}
+
+// Sums of n partial-sum registers: sums[c] = the lanes of parts[c] added up. For float with
+// AVX, eight at a time by horizontal adds (10 instructions for 8 sums instead of ~7 each).
+template <typename T>
+inline void reduce_lanes(const typename Reg<T>::type* parts, int64_t n, T* sums) {
+  int64_t c = 0;
+#if defined(__AVX__)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; c + 8 <= n; c += 8) {
+      const __m256* p = reinterpret_cast<const __m256*>(parts + c);
+      const __m256 h01 = _mm256_hadd_ps(p[0], p[1]), h23 = _mm256_hadd_ps(p[2], p[3]);
+      const __m256 h45 = _mm256_hadd_ps(p[4], p[5]), h67 = _mm256_hadd_ps(p[6], p[7]);
+      const __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67);
+      // lo = [s0 s1 s2 s3 | s0' s1' s2' s3'] (the two 128-bit halves' sums), hi likewise for 4..7
+      _mm256_storeu_ps(sums + c, _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20),
+                                               _mm256_permute2f128_ps(lo, hi, 0x31)));
+    }
+  }
+#endif
+  for (; c < n; ++c) sums[c] = Reg<T>::sum(parts[c]);
+}
+
+// out[k] = <grad[row(k), :], x[col[k], :]> for every connection k (the value gradient), and
+// bias_grad[i] = sum of grad[i, :] when bias_grad is given (the row is in cache anyway).
+// Each dot product runs in two registers of partial sums (two independent chains); their
+// lanes are added up afterwards, eight connections at a time (reduce_lanes).
+template <typename T, typename I>
+void sddmm_kernel(const I* __restrict__ crow, const I* __restrict__ col, const T* __restrict__ grad,
+                  const T* __restrict__ x, T* __restrict__ out, T* __restrict__ bias_grad,
+                  int64_t n_rows, int64_t batch) {
+  using R = Reg<T>;
+  using V = typename R::type;
+  constexpr int64_t L = R::lanes;
+  at::parallel_for(0, n_rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<V> partial;
+    for (int64_t i = begin; i < end; ++i) {
+      const T* __restrict__ g = grad + i * batch;
+      if (bias_grad) {
+        T s = 0;
+        for (int64_t t = 0; t < batch; ++t) s += g[t];
+        bias_grad[i] = s;
+      }
+      const int64_t k0 = crow[i], k1 = crow[i + 1];
+      partial.resize(k1 - k0);
+      int64_t full = batch - batch % (2 * L);
+      for (int64_t k = k0; k < k1; ++k) {
+        if (k + kPrefetchAhead < k1)
+          prefetch_bytes(x + static_cast<int64_t>(col[k + kPrefetchAhead]) * batch, full * sizeof(T));
+        const T* xr = x + static_cast<int64_t>(col[k]) * batch;
+        V a{}, b{};
+        for (int64_t t = 0; t < full; t += 2 * L) {
+          a += R::load(g + t) * R::load(xr + t);
+          b += R::load(g + t + L) * R::load(xr + t + L);
+        }
+        partial[k - k0] = a + b;
+      }
+      reduce_lanes<T>(partial.data(), k1 - k0, out + k0);
+      for (int64_t k = k0; k < k1; ++k) {  // the last batch values, fewer than two registers
+        const T* xr = x + static_cast<int64_t>(col[k]) * batch;
+        for (int64_t t = full; t < batch; ++t) out[k] += g[t] * xr[t];
+      }
+    }
+  });
+}
+
+// The whole backward of a layer whose input gradient is wanted, in one pass over W's columns
+// (the cached transpose: t_crow, t_col = the rows, t_perm = each connection's CSR position):
+//   grad_x[j, :] = sum over column j's connections of values[k] * grad[row, :]
+//   out[k]       = <grad[row, :], x[j, :]>
+// Both read the same gradient row per connection, the only rows fetched from far away (the
+// row x[j, :] stays in L1 while column j is worked on), so fusing them halves the backward's
+// memory traffic against an input-gradient product followed by a separate SDDMM. Threads
+// split the columns: each writes its own rows of grad_x and its own connections of out.
+template <typename T, typename I>
+void backward_kernel(const I* __restrict__ t_crow, const I* __restrict__ t_col, const int64_t* __restrict__ t_perm,
+                     const T* __restrict__ values, const T* __restrict__ grad, const T* __restrict__ x,
+                     T* __restrict__ grad_x, T* __restrict__ out, int64_t n_cols, int64_t batch) {
+  using R = Reg<T>;
+  using V = typename R::type;
+  constexpr int64_t W = kBlockRegs * R::lanes;  // batch values per block
+  at::parallel_for(0, n_cols, 64, [&](int64_t begin, int64_t end) {
+    // Per connection of the column, its dot product so far as a register of partial sums:
+    // adding the lanes up once per connection, eight connections at a time, instead of once
+    // per block and connection (that reduction was 40% of the kernel's time).
+    std::vector<V> partial;
+    std::vector<T> sums;
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t k0 = t_crow[j], k1 = t_crow[j + 1];
+      const T* __restrict__ xj = x + j * batch;
+      T* __restrict__ gx = grad_x + j * batch;
+      partial.assign(k1 - k0, V{});
+      int64_t t0 = 0;
+      for (; t0 + W <= batch; t0 += W) {
+        V acc[kBlockRegs] = {};
+        for (int64_t k = k0; k < k1; ++k) {
+          if (k + kPrefetchAhead < k1)
+            prefetch_bytes(grad + static_cast<int64_t>(t_col[k + kPrefetchAhead]) * batch + t0, W * sizeof(T));
+          const T v = values[t_perm[k]];
+          const T* g = grad + static_cast<int64_t>(t_col[k]) * batch + t0;
+          V d0{}, d1{};
+          for (int64_t r = 0; r < kBlockRegs; r += 2) {
+            const V g0 = R::load(g + r * R::lanes), g1 = R::load(g + (r + 1) * R::lanes);
+            acc[r] += v * g0;
+            acc[r + 1] += v * g1;
+            d0 += g0 * R::load(xj + t0 + r * R::lanes);
+            d1 += g1 * R::load(xj + t0 + (r + 1) * R::lanes);
+          }
+          partial[k - k0] += d0 + d1;
+        }
+        for (int64_t r = 0; r < kBlockRegs; ++r) R::store(gx + t0 + r * R::lanes, acc[r]);
+      }
+      sums.resize(k1 - k0);
+      reduce_lanes<T>(partial.data(), k1 - k0, sums.data());
+      for (int64_t k = k0; k < k1; ++k) out[t_perm[k]] = sums[k - k0];
+      for (; t0 < batch; ++t0) {  // the last batch values, fewer than a block: one at a time
+        T acc = 0;
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t at = t_perm[k];
+          const T g = grad[static_cast<int64_t>(t_col[k]) * batch + t0];
+          acc += values[at] * g;
+          out[at] += g * xj[t0];
+        }
+        gx[t0] = acc;
+      }
+    }
+  });
+}
+
+template <typename T>
+void row_sums(const T* __restrict__ grad, T* __restrict__ sums, int64_t n_rows, int64_t batch) {
+  at::parallel_for(0, n_rows, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T s = 0;
+      for (int64_t t = 0; t < batch; ++t) s += grad[i * batch + t];
+      sums[i] = s;
+    }
+  });
+}
+
+void check_index(const at::Tensor& crow, const at::Tensor& col) {
+  TORCH_CHECK(crow.dim() == 1 && col.dim() == 1 && crow.is_contiguous() && col.is_contiguous(),
+              "csr indices must be contiguous vectors");
+  TORCH_CHECK(crow.scalar_type() == col.scalar_type() &&
+                  (crow.scalar_type() == at::kInt || crow.scalar_type() == at::kLong),
+              "csr indices must both be int32 or both int64");
+}
+
+void check_dense(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.scalar_type() == like.scalar_type() && t.is_cpu(),
+              name, " must be a contiguous 2-D CPU tensor of the values' dtype");
+}
+
+template <typename F>
+void dispatch_index(const at::Tensor& crow, F&& body) {
+  if (crow.scalar_type() == at::kInt) body(int32_t{});
+  else body(int64_t{});
+}
+
+}  // namespace
+
+// y_t [n_rows, B] = W x_t (+ bias), W in CSR: row pointers crow, columns col and
+// values[perm[k]] (values[k] without perm, which lets the transpose reuse the values).
+at::Tensor csr_spmm(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                    const c10::optional<at::Tensor>& perm, const at::Tensor& x_t,
+                    const c10::optional<at::Tensor>& bias) {
+  check_index(crow, col);
+  check_dense(x_t, values, "x_t");
+  TORCH_CHECK(values.is_contiguous(), "values must be contiguous");
+  TORCH_CHECK(!perm || (perm->scalar_type() == at::kLong && perm->is_contiguous()), "perm must be contiguous int64");
+  TORCH_CHECK(!bias || (bias->scalar_type() == values.scalar_type() && bias->is_contiguous()),
+              "bias must be contiguous, of the values' dtype");
+  const int64_t n_rows = crow.size(0) - 1, batch = x_t.size(1);
+  auto y = at::empty({n_rows, batch}, x_t.options());
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "csr_spmm", [&] {
+    dispatch_index(crow, [&](auto index) {
+      using I = decltype(index);
+      spmm_kernel<scalar_t, I>(crow.data_ptr<I>(), col.data_ptr<I>(), values.data_ptr<scalar_t>(),
+                               perm ? perm->data_ptr<int64_t>() : nullptr, x_t.data_ptr<scalar_t>(),
+                               bias ? bias->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), n_rows,
+                               batch);
+    });
+  });
+  return y;
+}
+
+// (value gradient [nnz], bias gradient [n_rows]): out[k] = <grad_t[row(k)], x_t[col(k)]> and
+// the row sums of grad_t; the bias gradient is empty when with_bias is false.
+std::tuple<at::Tensor, at::Tensor> csr_sddmm(const at::Tensor& crow, const at::Tensor& col,
+                                             const at::Tensor& grad_t, const at::Tensor& x_t, bool with_bias) {
+  check_index(crow, col);
+  check_dense(grad_t, x_t, "grad_t");
+  check_dense(x_t, grad_t, "x_t");
+  TORCH_CHECK(grad_t.size(1) == x_t.size(1), "grad_t and x_t must have the same batch");
+  const int64_t n_rows = crow.size(0) - 1, batch = x_t.size(1);
+  auto out = at::empty({col.size(0)}, x_t.options());
+  auto bias_grad = at::empty({with_bias ? n_rows : 0}, x_t.options());
+  AT_DISPATCH_FLOATING_TYPES(x_t.scalar_type(), "csr_sddmm", [&] {
+    dispatch_index(crow, [&](auto index) {
+      using I = decltype(index);
+      sddmm_kernel<scalar_t, I>(crow.data_ptr<I>(), col.data_ptr<I>(), grad_t.data_ptr<scalar_t>(),
+                                x_t.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                with_bias ? bias_grad.data_ptr<scalar_t>() : nullptr, n_rows, batch);
+    });
+  });
+  return {out, bias_grad};
+}
+
+// (input gradient [n_in, B], value gradient [nnz], bias gradient [n_out] or empty): the
+// fused backward, given W's transpose (t_crow, t_col, t_perm) and the forward's x_t.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_backward(const at::Tensor& t_crow, const at::Tensor& t_col,
+                                                            const at::Tensor& t_perm, const at::Tensor& values,
+                                                            const at::Tensor& grad_t, const at::Tensor& x_t,
+                                                            bool with_bias) {
+  check_index(t_crow, t_col);
+  check_dense(grad_t, x_t, "grad_t");
+  check_dense(x_t, grad_t, "x_t");
+  TORCH_CHECK(values.is_contiguous() && values.scalar_type() == x_t.scalar_type(),
+              "values must be contiguous, of x_t's dtype");
+  TORCH_CHECK(t_perm.scalar_type() == at::kLong && t_perm.is_contiguous(), "t_perm must be contiguous int64");
+  TORCH_CHECK(grad_t.size(1) == x_t.size(1), "grad_t and x_t must have the same batch");
+  const int64_t n_cols = t_crow.size(0) - 1, batch = x_t.size(1);
+  TORCH_CHECK(x_t.size(0) == n_cols, "x_t must have one row per input");
+  auto grad_x = at::empty({n_cols, batch}, x_t.options());
+  auto out = at::empty({values.size(0)}, x_t.options());
+  auto bias_grad = at::empty({with_bias ? grad_t.size(0) : 0}, x_t.options());
+  AT_DISPATCH_FLOATING_TYPES(x_t.scalar_type(), "csr_backward", [&] {
+    if (with_bias) row_sums<scalar_t>(grad_t.data_ptr<scalar_t>(), bias_grad.data_ptr<scalar_t>(), grad_t.size(0), batch);
+    dispatch_index(t_crow, [&](auto index) {
+      using I = decltype(index);
+      backward_kernel<scalar_t, I>(t_crow.data_ptr<I>(), t_col.data_ptr<I>(), t_perm.data_ptr<int64_t>(),
+                                   values.data_ptr<scalar_t>(), grad_t.data_ptr<scalar_t>(), x_t.data_ptr<scalar_t>(),
+                                   grad_x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n_cols, batch);
+    });
+  });
+  return {grad_x, out, bias_grad};
+}
+
+TORCH_LIBRARY(synthprune, m) {
+  m.def("csr_spmm(Tensor crow, Tensor col, Tensor values, Tensor? perm, Tensor x_t, Tensor? bias) -> Tensor");
+  m.def("csr_sddmm(Tensor crow, Tensor col, Tensor grad_t, Tensor x_t, bool with_bias) -> (Tensor, Tensor)");
+  m.def("csr_backward(Tensor t_crow, Tensor t_col, Tensor t_perm, Tensor values, Tensor grad_t, Tensor x_t, "
+        "bool with_bias) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(synthprune, CPU, m) {
+  m.impl("csr_spmm", &csr_spmm);
+  m.impl("csr_sddmm", &csr_sddmm);
+  m.impl("csr_backward", &csr_backward);
+}

@@ -1,0 +1,140 @@
+"""The csr layer's fast CPU kernels: the same products as torch.sparse and dense algebra, to
+float rounding, at every shape, batch, dtype and index width; the policy switch and its
+fallback; and the layer's gradients through them."""
+
+import os
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from synthprune import SparseLinear, SparseMLP, csr_kernel
+from synthprune.layers import CSRLinear
+
+
+def fast_ops():
+    """The kernel ops; a test that needs them fails in CI rather than skip (CI has a compiler)."""
+    found = csr_kernel.ops()
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"the fast csr kernel should build in CI: {csr_kernel.describe()}")
+        pytest.skip(f"fast csr kernel unavailable: {csr_kernel.describe()}")
+    return found
+
+
+def layer(n_in, n_out, density, seed, dtype=torch.float32) -> CSRLinear:
+    made = SparseLinear(n_in, n_out, density=density, generator=torch.Generator().manual_seed(seed))
+    made.bias.data.normal_(generator=torch.Generator().manual_seed(seed + 7))
+    return made.to(dtype)
+
+
+@given(n_in=st.integers(1, 70), n_out=st.integers(1, 70), density=st.floats(0.01, 1.0),
+       batch=st.sampled_from([0, 1, 3, 8, 31, 64, 65, 130]), seed=st.integers(0, 10_000),
+       dtype=st.sampled_from([torch.float32, torch.float64]), wide_index=st.booleans())
+def test_kernels_equal_dense_algebra(n_in, n_out, density, batch, seed, dtype, wide_index):
+    ops = fast_ops()
+    sparse = layer(n_in, n_out, density, seed, dtype)
+    weight = sparse.to_dense().weight.detach()  # [n_out, n_in]
+    index = torch.long if wide_index else torch.int32
+    crow, col = sparse._crow.to(index), sparse._col.to(index)
+    t_crow, t_col = sparse._t_crow.to(index), sparse._t_col.to(index)
+    values, bias = sparse.values.detach(), sparse.bias.detach()
+    gen = torch.Generator().manual_seed(seed + 1)
+    x_t = torch.randn(n_in, batch, generator=gen, dtype=dtype)
+    g_t = torch.randn(n_out, batch, generator=gen, dtype=dtype)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-12, "rtol": 1e-12}
+
+    torch.testing.assert_close(ops.csr_spmm(crow, col, values, None, x_t, bias), weight @ x_t + bias[:, None], **tol)
+    torch.testing.assert_close(ops.csr_spmm(crow, col, values, None, x_t, None), weight @ x_t, **tol)
+    torch.testing.assert_close(ops.csr_spmm(t_crow, t_col, values, sparse._t_perm, g_t, None), weight.t() @ g_t,
+                               **tol)
+    grad_values, grad_bias = ops.csr_sddmm(crow, col, g_t, x_t, True)
+    torch.testing.assert_close(grad_values, (g_t @ x_t.t()).reshape(-1)[sparse.keys()], **tol)
+    torch.testing.assert_close(grad_bias, g_t.sum(1), **tol)
+    assert ops.csr_sddmm(crow, col, g_t, x_t, False)[1].numel() == 0
+    fused_x, fused_values, fused_bias = ops.csr_backward(t_crow, t_col, sparse._t_perm, values, g_t, x_t, True)
+    torch.testing.assert_close(fused_x, weight.t() @ g_t, **tol)
+    torch.testing.assert_close(fused_values, grad_values, **tol)
+    torch.testing.assert_close(fused_bias, g_t.sum(1), **tol)
+    assert ops.csr_backward(t_crow, t_col, sparse._t_perm, values, g_t, x_t, False)[2].numel() == 0
+
+
+def test_kernels_reject_what_they_cannot_compute():
+    ops = fast_ops()
+    sparse = layer(10, 8, 0.5, 0)
+    x_t = torch.randn(10, 4)
+    with pytest.raises(RuntimeError, match="x_t must be a contiguous"):
+        ops.csr_spmm(sparse._crow, sparse._col, sparse.values.detach(), None, x_t.t().contiguous().t(), None)
+    with pytest.raises(RuntimeError, match="int32 or both int64"):
+        ops.csr_spmm(sparse._crow, sparse._col.long(), sparse.values.detach(), None, x_t, None)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_through_the_kernels(bias):  # the fused backward (input and values wanted)
+    fast_ops()
+    sparse = SparseLinear(9, 7, density=0.4, bias=bias, generator=torch.Generator().manual_seed(3)).double()
+    x = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    params = (sparse.values, sparse.bias) if bias else (sparse.values,)
+    assert torch.autograd.gradcheck(lambda x, *p: sparse(x), (x, *params))
+    # and the separate kernels: the input gradient alone, the value gradient alone
+    assert torch.autograd.gradcheck(lambda x: sparse(x), (x,))
+    assert torch.autograd.gradcheck(lambda *p: sparse(x.detach()), params)
+
+
+def run_mlp(seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Loss and gradients of a small csr MLP on a fixed batch (a batch size that is not a
+    multiple of the kernels' register block)."""
+    torch.manual_seed(seed)
+    model = SparseMLP([20, 30, 25, 5], epsilon=3, backend="csr")
+    x = torch.randn(70, 20)
+    loss = torch.nn.functional.cross_entropy(model(x), torch.arange(70) % 5)
+    loss.backward()
+    return loss.detach(), [p.grad for p in model.parameters()]
+
+
+def test_fast_and_torch_sparse_paths_agree(monkeypatch):
+    fast_ops()
+    loss_fast, grads_fast = run_mlp(0)
+    monkeypatch.setenv(csr_kernel.ENV, "torch")
+    assert csr_kernel.ops() is None
+    loss_torch, grads_torch = run_mlp(0)
+    torch.testing.assert_close(loss_fast, loss_torch)
+    for fast, reference in zip(grads_fast, grads_torch, strict=True):
+        torch.testing.assert_close(fast, reference, atol=1e-6, rtol=1e-5)
+
+
+def test_policy_torch_describes_the_fallback(monkeypatch):
+    monkeypatch.setenv(csr_kernel.ENV, "torch")
+    assert csr_kernel.ops() is None
+    assert csr_kernel.describe() == f"torch.sparse ({csr_kernel.ENV}=torch)"
+
+
+def test_a_bad_policy_is_named(monkeypatch):
+    monkeypatch.setenv(csr_kernel.ENV, "fastest")
+    with pytest.raises(csr_kernel.KernelUnavailable, match="SYNTHPRUNE_CSR_KERNEL='fastest' is not one of"):
+        csr_kernel.ops()
+
+
+def test_a_failed_build_falls_back_under_auto_and_fails_under_fast(monkeypatch):
+    def broken():
+        raise RuntimeError("Error building extension 'synthprune_csr_avx2'\nlong compiler log")
+
+    monkeypatch.setattr(csr_kernel, "_state", {})
+    monkeypatch.setattr(csr_kernel, "_build", broken)
+    monkeypatch.setenv(csr_kernel.ENV, "auto")
+    assert csr_kernel.ops() is None
+    assert csr_kernel.describe() == ("torch.sparse (the fast kernel did not build: "
+                                     "Error building extension 'synthprune_csr_avx2')")
+    sparse = layer(6, 4, 0.5, 0)  # and the layer still computes, on torch.sparse
+    torch.testing.assert_close(sparse(torch.ones(2, 6)), sparse.to_dense()(torch.ones(2, 6)))
+    monkeypatch.setenv(csr_kernel.ENV, "fast")
+    with pytest.raises(csr_kernel.KernelUnavailable, match="unavailable: Error building extension"):
+        csr_kernel.ops()
+
+
+def test_operands_the_kernel_does_not_take_use_torch_sparse():
+    fast_ops()
+    assert csr_kernel.usable(torch.ones(2, dtype=torch.bfloat16)) is None
+    assert csr_kernel.usable(torch.ones(2, device="meta")) is None
+    assert csr_kernel.usable(torch.ones(2), torch.ones(2, dtype=torch.float64)) is not None
