@@ -38,3 +38,13 @@ def test_ddp_example(tmp_path):
     last = run_example("ddp.py", tmp_path)
     assert last.startswith("2 processes: held-out accuracy") and "after 12 rewiring steps" in last
     assert float(re.search(r"accuracy ([0-9.]+)", last).group(1)) > 0.8, last
+
+
+def test_deploy_onnx_example(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    last = run_example("deploy_onnx.py", tmp_path)
+    assert last.startswith("onnxruntime matches PyTorch: True"), last
+    assert int(re.search(r"sparse file (\d+)x smaller", last).group(1)) >= 5, last
+    forms = ("auto", "sparse", "densify", "dense")
+    assert {p.name for p in tmp_path.glob("*.onnx")} == {f"model-{form}.onnx" for form in forms}

@@ -10,7 +10,7 @@ baselines, on PyTorch. The public API::
 
 Convolutions: ``sparsify(model, density=0.2)`` makes ``nn.Conv2d``/``nn.Conv1d`` sparse too.
 Your own loop: ``save_checkpoint``/``load_checkpoint``, ``rewire_ddp`` under DDP, and
-``synthprune.lightning.Rewiring`` for Lightning.
+``synthprune.lightning.Rewiring`` for Lightning. Deployment: ``export_onnx(net, path)``.
 """
 
 import os as _os
@@ -39,6 +39,7 @@ from synthprune.topology import TopologyError
 __version__ = "0.1.0"
 
 _COMPARE = ("similarity", "similarity_matrix")  # from synthprune.compare, imported on first use (scipy)
+_EXPORT = ("export_onnx",)  # from synthprune.export, imported on first use
 
 
 def __getattr__(name: str):
@@ -46,6 +47,10 @@ def __getattr__(name: str):
         from synthprune import compare
 
         return getattr(compare, name)
+    if name in _EXPORT:
+        from synthprune import export
+
+        return getattr(export, name)
     raise AttributeError(f"module 'synthprune' has no attribute {name!r}")
 
 
@@ -65,6 +70,7 @@ __all__ = [
     "SparseMLP",
     "TopologyError",
     "__version__",
+    "export_onnx",
     "list_strategies",
     "load_checkpoint",
     "load_residual",

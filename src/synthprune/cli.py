@@ -369,16 +369,24 @@ def export(
     onnx: Annotated[bool, typer.Option("--onnx", help="Write the residual network as ONNX "
                                                       "(needs: pip install 'synthprune[onnx]').")] = False,
     out: Annotated[Path | None, typer.Option(help="Output file (default RUN/final/residual/model.onnx).")] = None,
+    onnx_form: Annotated[str, typer.Option(
+        help="auto: per layer, computed sparse at <= 2% density, else stored sparse and densified at load; "
+             "sparse: every sparse layer computed sparse; densify: every one stored sparse, densified at "
+             "load; dense: dense matrices (the largest file).")] = "auto",
 ) -> None:
     """Export a run's compact residual network for deployment (ONNX).
 
-    Dynamic batch size; input: the flattened features, output: logits."""
-    from synthprune.export import export_onnx
+    Dynamic batch size; input: the flattened features, output: logits. The file grows with
+    the connections, not with the dense shape, unless --onnx-form dense."""
+    from synthprune.export import export_run_onnx
+    from synthprune.onnx_graph import FORMS
 
     if not onnx:
         raise ValueError("choose a format: --onnx")
-    path = export_onnx(run, out)
-    console.print(f"wrote {path} ({path.stat().st_size:,} bytes)", highlight=False)
+    if onnx_form not in FORMS:
+        raise ValueError(f"--onnx-form must be one of {', '.join(FORMS)}, got {onnx_form!r}")
+    written = export_run_onnx(run, out, onnx_form)
+    console.print(f"wrote {written.path} ({written.bytes:,} bytes; {written.describe()})", highlight=False)
 
 
 @app.command()
@@ -538,6 +546,9 @@ def bench(
     under_load: Annotated[bool, typer.Option(
         help="Instead: start one busy process per core, time a training step per backend at 1 thread and "
              "at the default, then stop the load.")] = False,
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="Threads for torch while measuring (default: its own, the cores). --threads 1 gives "
+                    "the one-thread figures of benchmarks/README.md.")] = None,
 ) -> None:
     """Measure speed and memory of the backends on the reference MLP.
 
@@ -549,6 +560,10 @@ def bench(
 
     from synthprune.bench import BenchSettings, run_bench
 
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     settings = BenchSettings.quick() if quick else BenchSettings()
     settings.memory = memory
     def log(line: str) -> None:
@@ -599,14 +614,22 @@ def bench_tables(r: dict) -> list[Table]:
                   f"{e['csr']:.2f}", f"{row['dense_over_csr']:.2f}x", f"{row['masked_over_csr']:.2f}x")
     tables.append(t)
     t = Table(title="csr training step against the machine's limit",
-              caption="limit: 3 multiply-adds per connection and example at the dense GEMM rate measured here")
-    for column in ("ε", "GEMM rate (GMAC/s)", "limit (ms)", "csr step (ms)", "csr / limit"):
+              caption="limit: 3 multiply-adds per connection and example at the dense GEMM rate measured here; "
+                      f"csr path: {r['machine'].get('csr_path', 'torch.sparse')}")
+    torch_path = any("torch_sparse_over_fast" in row for row in r["training"].values())
+    columns = ["ε", "GEMM rate (GMAC/s)", "limit (ms)", "csr step (ms)", "csr / limit"]
+    columns += ["torch.sparse step (ms)", "torch.sparse / fast"] if torch_path else []
+    for column in columns:
         t.add_column(column, justify="right")
     for row in r["training"].values():
         if "step_limit_seconds" in row:  # bench files from before the limit line lack it
-            t.add_row(f"{row['epsilon']:g}", f"{row['gemm_multiply_adds_per_second'] / 1e9:.1f}",
-                      f"{1e3 * row['step_limit_seconds']:.3f}", f"{1e3 * row['step_seconds']['csr']:.3f}",
-                      f"{row['csr_over_limit']:.1f}x")
+            cells = [f"{row['epsilon']:g}", f"{row['gemm_multiply_adds_per_second'] / 1e9:.1f}",
+                     f"{1e3 * row['step_limit_seconds']:.3f}", f"{1e3 * row['step_seconds']['csr']:.3f}",
+                     f"{row['csr_over_limit']:.1f}x"]
+            if torch_path:
+                cells += [f"{1e3 * row['step_seconds']['csr_torch_sparse']:.3f}",
+                          f"{row['torch_sparse_over_fast']:.2f}x"]
+            t.add_row(*cells)
     tables.append(t)
     t = Table(title="rewiring step (csr, ε = 20)")
     for column in ("strategy", "seconds", "share of a csr epoch"):
@@ -623,10 +646,13 @@ def bench_tables(r: dict) -> list[Table]:
     tables.append(t)
     inference = r["inference"]
     t = Table(title="inference latency, ms", caption="residual: the compact network of a csr MLP compressed to 1%")
-    for column in ("batch", *(f"{k} ({v:,} conn.)" for k, v in inference["connections"].items())):
+    names = list(inference["batch1_ms"])  # dense, csr, residual, then their torch.sparse runs if any
+    label = lambda name: (f"{name} ({inference['connections'][name]:,} conn.)" if name in inference["connections"]
+                          else name.replace("_torch_sparse", " on torch.sparse"))
+    for column in ("batch", *map(label, names)):
         t.add_column(column, justify="right")
     for batch in (1, 256):
-        t.add_row(str(batch), *(f"{v:.3f}" for v in inference[f"batch{batch}_ms"].values()))
+        t.add_row(str(batch), *(f"{inference[f'batch{batch}_ms'][name]:.3f}" for name in names))
     tables.append(t)
     if r.get("memory_bytes"):
         m = r["memory_bytes"]
@@ -662,6 +688,9 @@ def list_things(
 
     console.print(f"threads:    {torch.get_num_threads()} (train --threads N); OpenMP wait policy "
                   f"{os.environ.get('OMP_WAIT_POLICY', 'unset (active spinning)')}")
+    from synthprune import csr_kernel
+
+    console.print(f"csr path:   {csr_kernel.describe()}", highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:
