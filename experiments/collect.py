@@ -1,13 +1,15 @@
 """Copy the records of finished runs into the repository: config.yaml, metrics.csv,
 topology.jsonl, final/config.json (summary) and the final wiring as a topology snapshot
 (int32 keys, no weights; MLPs only). Never checkpoints or weights. Runs already collected
-are refreshed; the next session extends the folder instead of starting over.
+are refreshed and sweep.csv rows are merged by configuration and seed; the next session
+extends the folder instead of starting over.
 
     python experiments/collect.py RUNS_FOLDER experiments/results/NAME
 """
 
 from __future__ import annotations
 
+import csv
 import shutil
 import sys
 from pathlib import Path
@@ -33,10 +35,34 @@ def collect(folder: Path, target: Path) -> list[str]:
         if config.sparse and is_mlp(model):
             save_snapshot(model, out / "wiring.safetensors", epoch=config.epochs)
         done.append(run.name)
-    for name in ("sweep.csv", "summary.md"):
-        if (folder / name).is_file():
-            shutil.copyfile(folder / name, target / name)
+    if (folder / "sweep.csv").is_file():
+        merge_sweep_rows(folder / "sweep.csv", target / "sweep.csv")
     return done
+
+
+def merge_sweep_rows(source: Path, target: Path) -> None:
+    """Add ``source``'s rows to ``target``'s (one row per configuration and seed; a finished row
+    replaces an older one), with run paths relative to the runs folder: collecting a later
+    sweep into the same results adds to its table instead of replacing it."""
+    def rows(path: Path) -> list[dict]:
+        if not path.is_file():
+            return []
+        with path.open(newline="") as handle:
+            return list(csv.DictReader(handle))
+
+    merged = {(r["config"], r["seed"]): r for r in rows(target)}
+    for row in rows(source):
+        row["run"] = f"runs/{source.parent.name}/{Path(row['run']).name}"
+        key = (row["config"], row["seed"])
+        if row["status"] in ("finished", "skipped") or key not in merged:
+            merged[key] = {**row, "status": "finished" if row["status"] == "skipped" else row["status"]}
+    if not merged:
+        return
+    columns = list(next(iter(merged.values())))
+    with target.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, columns)
+        writer.writeheader()
+        writer.writerows(merged[key] for key in sorted(merged, key=lambda k: (k[0], int(k[1]))))
 
 
 if __name__ == "__main__":
