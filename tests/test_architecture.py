@@ -10,8 +10,8 @@ PACKAGE = ROOT / "src" / "synthprune"
 
 # docs/DESIGN.md §3.1, from the bottom up: a module imports only modules before it.
 ORDER = ["topology", "files", "data", "compression", "schedules", "strategies", "csr_kernel", "layers", "conv",
-         "models", "compact", "residual", "rewiring", "checkpoint", "config", "rundir", "runs", "wiring", "plots",
-         "compare", "onnx_graph", "export", "bench", "distributed", "lightning", "train", "experiments", "cli"]
+         "models", "threads", "compact", "residual", "rewiring", "checkpoint", "config", "rundir", "runs", "wiring",
+         "plots", "compare", "onnx_graph", "export", "bench", "distributed", "lightning", "train", "experiments", "cli"]
 
 
 def imports(module: str) -> set[str]:

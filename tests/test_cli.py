@@ -256,11 +256,19 @@ def test_residual_and_onnx_export_of_a_compressed_run(tmp_path, capsys):
     pytest.importorskip("onnx", reason="the [onnx] extra is not installed")
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
     assert main(["export", str(run), "--onnx"]) == 0
+    assert "computed sparse" in capsys.readouterr().out  # what became of the weights
     session = ort.InferenceSession(str(run / "final" / "residual" / "model.onnx"))
     for batch in (1, 37):  # the batch dimension is dynamic
         x = torch.randn(batch, 64)
         (logits,) = session.run(None, {"input": x.numpy()})
         np.testing.assert_allclose(logits, residual(x).detach().numpy(), atol=1e-5, rtol=1e-5)
+    sizes = {}
+    for form in ("dense", "sparse"):
+        assert main(["export", str(run), "--onnx", "--onnx-form", form, "--out", str(tmp_path / f"{form}.onnx")]) == 0
+        sizes[form] = (tmp_path / f"{form}.onnx").stat().st_size
+    assert sizes["sparse"] < sizes["dense"] / 3
+    assert main(["export", str(run), "--onnx", "--onnx-form", "csr"]) == 2
+    assert "--onnx-form must be one of auto, sparse, densify, dense" in capsys.readouterr().err
 
 
 def test_residual_and_export_refuse_unfinished_runs_and_bad_options(tmp_path, capsys):

@@ -123,13 +123,14 @@ def ops():
     chosen = policy()
     if chosen == "torch":
         return None
-    with _lock:
-        if "ops" not in _state:
-            try:
-                _state["ops"], _state["reason"] = _build(), ""
-            except Exception as exc:  # any build or load failure means: fall back, and say why
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                _state["ops"], _state["reason"] = None, first
+    if "ops" not in _state:  # checked again under the lock: one thread builds
+        with _lock:
+            if "ops" not in _state:
+                try:
+                    _state["ops"], _state["reason"] = _build(), ""
+                except Exception as exc:  # any build or load failure means: fall back, and say why
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    _state["ops"], _state["reason"] = None, first
     if _state["ops"] is None and chosen == "fast":
         raise KernelUnavailable(f"the fast csr kernel is unavailable: {_state['reason']} ({ENV}=fast)")
     return _state["ops"]
@@ -137,8 +138,9 @@ def ops():
 
 def usable(*tensors: torch.Tensor):
     """The ops if the fast path applies to these operands (CPU, float32/float64), else ``None``."""
-    if any(t.device.type != "cpu" or t.dtype not in KERNEL_DTYPES for t in tensors):
-        return None
+    for t in tensors:  # a plain loop: this runs on every csr product
+        if t.device.type != "cpu" or t.dtype not in KERNEL_DTYPES:
+            return None
     return ops()
 
 

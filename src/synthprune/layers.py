@@ -274,13 +274,17 @@ class DenseLinear(nn.Linear):
 class _CSRLinearFunction(torch.autograd.Function):
     """``y = x Wᵀ + b`` with ``W`` given as CSR parts; gradients for ``x``, the values and ``b``.
 
-    Layout: MKL's CSR × dense product wants the dense operand row-major, i.e. ``xᵀ`` as a
-    contiguous ``[n_in, B]``. The output is returned as the transposed view of a contiguous
-    ``[n_out, B]``, and elementwise layers keep that layout, so the next sparse layer's ``xᵀ``
-    is contiguous for free; only the network's own input is copied, once for forward and
-    backward. ``addmm`` writes the bias (or nothing, ``beta=0``) straight into the output:
-    ``torch.sparse.mm`` would zero-fill it and copy it before the product, and the bias add
-    would be a third pass over an activation-sized tensor.
+    Two paths compute it (``csr_kernel``): synthprune's C++ kernels on CPU where they built
+    (forward ``csr_spmm`` with the bias; backward ``csr_backward``, both gradients in one pass),
+    else ``torch.sparse``. They agree to float rounding.
+
+    Layout: both want the dense operand row-major, i.e. ``xᵀ`` as a contiguous ``[n_in, B]``,
+    so that a connection touches B contiguous values. The output is returned as the transposed
+    view of a contiguous ``[n_out, B]``, and elementwise layers keep that layout, so the next
+    sparse layer's ``xᵀ`` is contiguous for free; only the network's own input is copied, once
+    for forward and backward. On the torch.sparse path, ``addmm`` writes the bias (or nothing,
+    ``beta=0``) straight into the output: ``torch.sparse.mm`` would zero-fill it and copy it
+    before the product, and the bias add would be a third pass over an activation-sized tensor.
     """
 
     @staticmethod
@@ -288,12 +292,8 @@ class _CSRLinearFunction(torch.autograd.Function):
         x_t = x.t().contiguous()  # [n_in, B]; a no-op for activations from a previous sparse layer
         ctx.save_for_backward(x_t, values, crow, col, t_crow, t_col, t_perm)
         ctx.shape = (n_out, n_in)
-        ctx.fast = fast = csr_kernel.usable(x_t, values)
-        if fast is not None:
-            return fast.csr_spmm(crow, col, values, None, x_t, bias).t()
-        weight = torch.sparse_csr_tensor(crow, col, values, (n_out, n_in), check_invariants=False)
-        y_t = _product_into_new(weight, x_t) if bias is None else torch.addmm(bias.unsqueeze(1), weight, x_t)
-        return y_t.t()
+        ctx.fast = csr_kernel.usable(x_t, values)
+        return _csr_forward(ctx.fast, x_t, values, bias, crow, col, n_out, n_in)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -313,6 +313,16 @@ class _CSRLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum(0)
         return grad_x, grad_values, grad_bias, None, None, None, None, None, None, None
+
+
+def _csr_forward(fast, x_t, values, bias, crow, col, n_out: int, n_in: int) -> torch.Tensor:
+    """``y = x Wᵀ + b`` as the transposed view of a contiguous ``[n_out, B]``, from ``x_t``
+    ``[n_in, B]``: the fast kernel's ops when given, else ``torch.sparse``."""
+    if fast is not None:
+        return fast.csr_spmm(crow, col, values, None, x_t, bias).t()
+    weight = torch.sparse_csr_tensor(crow, col, values, (n_out, n_in), check_invariants=False)
+    y_t = _product_into_new(weight, x_t) if bias is None else torch.addmm(bias.unsqueeze(1), weight, x_t)
+    return y_t.t()
 
 
 def _fast_backward(fast, needs, grad_t, x_t, values, crow, col, t_crow, t_col, t_perm):
@@ -470,6 +480,12 @@ class CSRLinear(SparseLinear):
                 f"torch.export cannot trace a csr layer on the torch.sparse path (csr path: "
                 f"{csr_kernel.describe()}). Use the fast csr kernel, or export a dense copy: "
                 "residual_network(model, form='dense'), or synthprune.export_onnx(model, path)")
+        wants_grad = torch.is_grad_enabled() and (
+            flat.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
+        if not wants_grad:  # inference: the same product without autograd's bookkeeping (~30 µs a call)
+            x_t = flat.t().contiguous()
+            return _csr_forward(csr_kernel.usable(x_t, values), x_t, values, bias, self._crow, self._col,
+                                self.out_features, self.in_features)
         return _CSRLinearFunction.apply(
             flat, values, bias, self._crow, self._col,
             self._t_crow, self._t_col, self._t_perm, self.out_features, self.in_features,

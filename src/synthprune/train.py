@@ -26,6 +26,7 @@ from synthprune.rewiring import Rewirer
 from synthprune.rundir import START_AGAIN, RunDir
 from synthprune.runs import build_model, connections, live_neurons, summarize, write_final
 from synthprune.schedules import RewireSchedule
+from synthprune.threads import apply_default_threads
 from synthprune.wiring import save_snapshot
 
 __all__ = ["TrainingError", "build_rewirer", "fit", "split_validation"]
@@ -58,12 +59,15 @@ def fit(
     resume: bool = False,
     progress: Callable[[int, int], object] | None = None,
     log: Callable[[str], None] = print,
+    auto_threads: bool = False,
 ) -> dict:
     """Train ``config`` into the run directory ``out``; returns the summary (see :func:`synthprune.runs.summarize`).
 
     ``resume=True`` continues from ``out/checkpoint.pt`` with the run's saved config; the result
     equals an uninterrupted run's on the same machine. ``progress(total_batches, epoch)`` may
     return a context manager whose ``advance(loss, accuracy)`` is called per batch.
+    ``auto_threads=True`` (the command line's default) sets torch's thread count from the
+    model's work (:func:`synthprune.threads.suggested_threads`) unless ``OMP_NUM_THREADS`` is set.
 
     Under torchrun (``WORLD_SIZE`` > 1) this is data-parallel: ``config.batch_size`` is the
     global batch, each rank trains on its shard of it, and only rank 0 writes ``out`` or logs
@@ -75,7 +79,7 @@ def fit(
     error: BaseException | None = None
     run = RunDir(out)
     try:
-        summary = _fit(config, run, resume, progress, log, ranks)
+        summary = _fit(config, run, resume, progress, log, ranks, auto_threads)
     except BaseException as exc:  # handled outside the except block, where its frames can go
         error = exc
     finally:
@@ -119,8 +123,12 @@ class Session:
 
 
 def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: Callable[[int, int], object] | None,
-         log: Callable[[str], None], ranks: Ranks) -> dict:
+         log: Callable[[str], None], ranks: Ranks, auto_threads: bool = False) -> dict:
     session = _prepare(config, run, resume, log, ranks)
+    if auto_threads and session.device.type == "cpu":
+        chosen = apply_default_threads(session.model, config.batch_size // ranks.world_size)
+        if chosen is not None:
+            log(f"threads: {chosen} (from the model's work; --threads N to choose)")
     config = session.config  # on resume: the run's own
     for epoch in range(session.start_epoch, config.epochs):
         row = _epoch(session, epoch, progress, log)
