@@ -138,3 +138,53 @@ def test_operands_the_kernel_does_not_take_use_torch_sparse():
     assert csr_kernel.usable(torch.ones(2, dtype=torch.bfloat16)) is None
     assert csr_kernel.usable(torch.ones(2, device="meta")) is None
     assert csr_kernel.usable(torch.ones(2), torch.ones(2, dtype=torch.float64)) is not None
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_dropout_keeps_one_minus_p_scales_and_masks_the_gradient_alike(p, transposed):
+    fast_ops()
+    from synthprune.layers import Dropout
+
+    torch.manual_seed(0)
+    x = torch.randn(400, 256)
+    x = (x.t() if transposed else x).clone().requires_grad_()  # the csr layers' output is transposed
+    y = Dropout(p)(x)
+    kept = y != 0
+    n = kept.numel()
+    assert abs(kept.float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5  # 4 standard deviations
+    torch.testing.assert_close(y[kept], x.detach()[kept] / (1 - p))
+    weights = torch.randn(y.shape)  # a gradient in the other memory layout than y's
+    (y * weights).sum().backward()
+    torch.testing.assert_close(x.grad, kept * weights / (1 - p))
+
+
+def test_dropout_masks_follow_the_seed_not_the_thread_count():
+    fast_ops()
+    from synthprune.layers import Dropout
+
+    x, before = torch.randn(300, 500), torch.get_num_threads()
+    masks = []
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            torch.manual_seed(5)
+            masks.append(Dropout(0.3)(x) != 0)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks[2])
+    assert not torch.equal(masks[0], Dropout(0.3)(x) != 0)  # the next call draws another seed
+
+
+def test_dropout_is_nn_dropout_where_the_kernel_does_not_apply(monkeypatch):
+    from synthprune.layers import Dropout
+
+    x = torch.randn(50, 40)
+    assert torch.equal(Dropout(0.3).eval()(x), x) and torch.equal(Dropout(0.0)(x), x)
+    assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x))
+    monkeypatch.setenv(csr_kernel.ENV, "torch")
+    torch.manual_seed(1)
+    ours = Dropout(0.3)(x)
+    torch.manual_seed(1)
+    assert torch.equal(ours, torch.nn.functional.dropout(x, 0.3, True))
+    assert isinstance(SparseMLP([8, 6, 2], epsilon=1, dropout=0.2).drop1, Dropout)

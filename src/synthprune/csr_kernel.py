@@ -1,7 +1,8 @@
 """The csr layer's fast CPU path: C++ kernels (``kernels/csr_cpu.cpp``) built once with
 ``torch.utils.cpp_extension`` and loaded as the ops ``torch.ops.synthprune.csr_spmm`` (forward and
 input gradient), ``csr_sddmm`` (value gradient) and ``csr_backward`` (both gradients in one
-pass), with ``torch.sparse`` as the fallback.
+pass), with ``torch.sparse`` as the fallback. The same library holds the dropout that
+``SparseMLP`` and ``SparseCNN`` use (``layers.Dropout``; ``nn.Dropout`` where it is not built).
 
 Which path is used: ``SYNTHPRUNE_CSR_KERNEL`` = ``auto`` (default: the kernel where it builds,
 else ``torch.sparse``), ``fast`` (the kernel or an error) or ``torch`` (always ``torch.sparse``).
@@ -108,6 +109,10 @@ def _register_fakes() -> None:
     @register("synthprune::csr_sddmm")
     def _sddmm(crow, col, grad_t, x_t, with_bias):
         return x_t.new_empty(col.shape[0]), x_t.new_empty(grad_t.shape[0] if with_bias else 0)
+
+    @register("synthprune::dropout")
+    def _dropout(x, p, seed):
+        return torch.empty_like(x)
 
     @register("synthprune::csr_backward")
     def _backward(t_crow, t_col, t_perm, values, grad_t, x_t, with_bias):

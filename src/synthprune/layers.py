@@ -574,6 +574,44 @@ class MaskedLinear(MaskedConnections, SparseLinear):
         return F.linear(x, self.weight * self.mask, self.bias)
 
 
+class _DropoutFunction(torch.autograd.Function):
+    """Dropout with the kernel's hashed mask: the same op on the output's gradient (same seed,
+    same memory layout) is the backward, so no mask is stored."""
+
+    @staticmethod
+    def forward(ctx, x, p, seed, fast):
+        ctx.p, ctx.seed, ctx.fast, ctx.stride = p, seed, fast, x.stride()
+        return fast.dropout(x, p, seed)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad.stride() != ctx.stride:  # the mask is indexed by memory offset: match the forward's layout
+            grad = grad.new_empty_strided(grad.shape, ctx.stride).copy_(grad)
+        return ctx.fast.dropout(grad, ctx.p, ctx.seed), None, None, None
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` (same arguments, same behaviour in distribution) whose mask costs less on
+    CPU: a hash of (seed, position) in the fast kernel (``csr_kernel``) instead of one
+    Bernoulli draw per element. On the reference MLP, ``nn.Dropout`` took 1.5 ms of a 12 ms
+    training step per layer. The seed is one draw from torch's default generator per call, so
+    ``torch.manual_seed`` and resume reproduce the masks; they differ from ``nn.Dropout``'s.
+    Elsewhere (GPU, no kernel, ``inplace``, strided inputs) it is ``nn.Dropout``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and 0 < self.p < 1 and not self.inplace and _dense_in_memory(x):
+            fast = csr_kernel.usable(x)
+            if fast is not None:
+                seed = int(torch.randint(-2**63, 2**63 - 1, (1,), dtype=torch.long))
+                return _DropoutFunction.apply(x, self.p, seed, fast)
+        return super().forward(x)
+
+
+def _dense_in_memory(x: torch.Tensor) -> bool:
+    """Contiguous, or the transposed view of a contiguous matrix (the csr layers' output)."""
+    return x.is_contiguous() or (x.dim() == 2 and x.t().is_contiguous())
+
+
 def keep_dense_weights(layer: SparseLayer, dense: nn.Module) -> SparseLayer:
     """Give ``layer`` the weights (and bias) that ``dense`` (an ``nn.Linear`` or ``nn.ConvNd``
     of the same shape) has at ``layer``'s connections: ``sparsify(..., init="keep")``."""

@@ -13,6 +13,7 @@ from torch import nn
 from synthprune.conv import SparseConv1d, SparseConv2d
 from synthprune.layers import (
     DenseLinear,
+    Dropout,
     SparseLayer,
     SparseLinear,
     check_backend,
@@ -166,7 +167,7 @@ class SparseMLP(nn.Sequential):
             if i < len(shapes):
                 modules[f"act{i}"] = ACTIVATIONS[activation]()
                 if dropout > 0:
-                    modules[f"drop{i}"] = nn.Dropout(dropout)
+                    modules[f"drop{i}"] = Dropout(dropout)
         super().__init__(modules)
         self.sizes = sizes
         self._settings = {"sizes": sizes, "epsilon": epsilon, "density": density, "distribution": distribution,
@@ -227,7 +228,7 @@ class SparseCNN(nn.Sequential):
             if i < len(sizes) - 1:
                 modules[f"act{i}"] = ACTIVATIONS[activation]()
                 if dropout > 0:
-                    modules[f"drop{i}"] = nn.Dropout(dropout)
+                    modules[f"drop{i}"] = Dropout(dropout)
         super().__init__(modules)
         torch.set_rng_state(generator_state)
         if sparse:

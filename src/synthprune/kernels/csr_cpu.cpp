@@ -1,5 +1,6 @@
-// synthprune's CPU kernels for the csr layer (see synthprune/csr_kernel.py, which builds and
-// loads this file, and benchmarks/README.md for what they gain).
+// synthprune's CPU kernels for the csr layer, and the dropout of SparseMLP and SparseCNN (see
+// synthprune/csr_kernel.py, which builds and loads this file, and benchmarks/README.md for what
+// they gain).
 //
 // Layout: activations are batch-minor, [n, B] row-major (the transposed view the csr layer
 // passes between layers), so every connection touches B contiguous values. The kernels are
@@ -234,6 +235,32 @@ void row_sums(const T* __restrict__ grad, T* __restrict__ sums, int64_t n_rows, 
   });
 }
 
+// A 32-bit integer hash (Wellons' lowbias32): cheap, vectorisable, and good enough to decide
+// which activations dropout keeps.
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+// y[i] = x[i] * scale where hash(i, seed) >= threshold, else 0; i is the offset in memory, so
+// x and y share their strides. The mask is a pure function of (seed, i): the backward pass
+// recomputes it instead of storing it, and the result does not depend on the thread count.
+template <typename T>
+void dropout_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t n, uint64_t seed, uint32_t threshold,
+                    T scale) {
+  const uint32_t lo = static_cast<uint32_t>(seed), hi = static_cast<uint32_t>(seed >> 32);
+  at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const uint32_t h = mix32(mix32(static_cast<uint32_t>(i) ^ lo) ^ hi ^ static_cast<uint32_t>(i >> 32));
+      y[i] = x[i] * (static_cast<T>(h >= threshold) * scale);  // branch-free: the loop vectorises
+    }
+  });
+}
+
 void check_index(const at::Tensor& crow, const at::Tensor& col) {
   TORCH_CHECK(crow.dim() == 1 && col.dim() == 1 && crow.is_contiguous() && col.is_contiguous(),
               "csr indices must be contiguous vectors");
@@ -332,15 +359,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_backward(const at::Tensor& t_
   return {grad_x, out, bias_grad};
 }
 
+// Dropout with probability p of every element of x (dense in memory, any strides): the output
+// has x's strides; applied to the output's gradient with the same seed it is the backward.
+at::Tensor dropout(const at::Tensor& x, double p, int64_t seed) {
+  TORCH_CHECK(x.is_cpu() && x.is_non_overlapping_and_dense(), "dropout needs a CPU tensor dense in memory");
+  TORCH_CHECK(p > 0 && p < 1, "dropout probability must be in (0, 1)");
+  auto y = at::empty_like(x);  // same strides: a dense tensor keeps its memory layout
+  TORCH_CHECK(y.strides() == x.strides(), "dropout output must share the input's strides");
+  const double limit = p * 4294967296.0;
+  const uint32_t threshold = limit >= 4294967295.0 ? 4294967295U : static_cast<uint32_t>(limit);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dropout", [&] {
+    dropout_kernel<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), x.numel(), static_cast<uint64_t>(seed),
+                             threshold, static_cast<scalar_t>(1.0 / (1.0 - p)));
+  });
+  return y;
+}
+
 TORCH_LIBRARY(synthprune, m) {
   m.def("csr_spmm(Tensor crow, Tensor col, Tensor values, Tensor? perm, Tensor x_t, Tensor? bias) -> Tensor");
   m.def("csr_sddmm(Tensor crow, Tensor col, Tensor grad_t, Tensor x_t, bool with_bias) -> (Tensor, Tensor)");
   m.def("csr_backward(Tensor t_crow, Tensor t_col, Tensor t_perm, Tensor values, Tensor grad_t, Tensor x_t, "
         "bool with_bias) -> (Tensor, Tensor, Tensor)");
+  m.def("dropout(Tensor x, float p, int seed) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(synthprune, CPU, m) {
   m.impl("csr_spmm", &csr_spmm);
   m.impl("csr_sddmm", &csr_sddmm);
   m.impl("csr_backward", &csr_backward);
+  m.impl("dropout", &dropout);
 }
