@@ -51,9 +51,10 @@ def test_bench_under_load_measures_each_backend_and_stops_its_load(capsys):
         row = result[backend]
         assert row["one_thread"]["threads"] == 1 and row["default"]["step_seconds"] > 0
         assert row["all_cores"]["threads"] == result["busy_processes"]
-        # the default is synthprune train's: threads from the model's work (1 for these small models)
-        assert row["default"]["threads"] == 1
-        best = min(row[k]["step_seconds"] for k in ("one_thread", "all_cores", "default"))
+        # the default is synthprune train's: threads from the model's work (1 for these small models),
+        # and it is one of the measured settings, not a third noisy measurement of the same one
+        assert row["default"] == row["one_thread"]
+        best = min(row[k]["step_seconds"] for k in ("one_thread", "all_cores"))
         assert row["default_over_best"] == row["default"]["step_seconds"] / best
     left = subprocess.run(["pgrep", "-f", "while True: pass"], capture_output=True, text=True).stdout.split()
     assert not left, "the busy processes were not stopped"

@@ -242,12 +242,9 @@ _STEP_SCRIPT = textwrap.dedent("""
     from synthprune.bench import _mlp, _train_step
 
     sizes, backend, epsilon, batch, threads, steps = json.loads(sys.argv[1])
-    model = _mlp(sizes, backend, epsilon)
-    if threads == "auto":  # what `synthprune train` does when not told
-        from synthprune.threads import suggested_threads
-        torch.set_num_threads(suggested_threads(model, batch))
-    elif threads:
+    if threads:
         torch.set_num_threads(threads)
+    model = _mlp(sizes, backend, epsilon)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.randn(batch, sizes[0]), torch.randint(0, sizes[-1], (batch,))
     for _ in range(3):
@@ -263,44 +260,47 @@ _STEP_SCRIPT = textwrap.dedent("""
 
 def bench_under_load(s: BenchSettings, log: Callable[[str], None]) -> dict:
     """A training step per backend at ε = 20, wall time, at 1 thread, at every core (torch's
-    own default) and at ``synthprune train``'s default (threads from the model's work,
-    :mod:`synthprune.threads`), while one busy process per core keeps the machine loaded.
+    own default) and at the count ``synthprune train`` picks from the model's work
+    (:mod:`synthprune.threads`; ``default``, usually one of the other two), while one busy
+    process per core keeps the machine loaded.
 
     Each measurement is the median step of a fresh process that inherits this one's environment
     (the command line's passive OpenMP wait policy included). Time-sharing the cores with the
-    busy processes makes one such median move by up to 1.7x between two processes of the same
-    setting, so the settings take turns for ``s.rounds`` rounds and the figure is the median
-    over rounds. ``default_over_best``: synthprune's default against the best of the three.
-    The busy processes are stopped however this ends."""
+    busy processes moves one such median by up to 1.7x between two processes of the same
+    setting, so the counts take turns for ``s.rounds`` rounds (at most 3) and the figure is the
+    median over rounds; a count is measured once per round, also where the default equals it.
+    ``default_over_best``: the default against the best count measured. The busy processes are
+    stopped however this ends."""
     import os
 
+    from synthprune.threads import suggested_threads
+
     cores = os.cpu_count() or 1
-    settings = (("one_thread", 1), ("all_cores", cores), ("default", "auto"))
     rounds = max(1, min(s.rounds, 3))
     log(f"under load: {cores} busy process(es), one per core; {rounds} rounds")
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
     result = {"busy_processes": cores, "wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"), "rounds": rounds}
     try:
         for backend in ("dense", "masked", "csr"):
-            samples: dict[str, list[float]] = {label: [] for label, _ in settings}
-            used: dict[str, int] = {}
+            default = suggested_threads(_mlp(s.sizes, backend, 20.0), s.batch, cores)
+            counts = sorted({1, cores, default})
+            samples: dict[int, list[float]] = {n: [] for n in counts}
             for _ in range(rounds):
-                for label, threads in settings:
-                    args = json.dumps([list(s.sizes), backend, 20.0, s.batch, threads, max(5, 4 * s.timed_batches)])
+                for n in counts:
+                    args = json.dumps([list(s.sizes), backend, 20.0, s.batch, n, max(5, 4 * s.timed_batches)])
                     process = subprocess.run([sys.executable, "-c", _STEP_SCRIPT, args], capture_output=True,
                                              text=True)
                     if process.returncode != 0:
                         raise RuntimeError(f"step under load ({backend}) failed: {process.stderr.strip()[-300:]}")
-                    used[label], seconds = json.loads(process.stdout.strip().splitlines()[-1])
-                    samples[label].append(seconds)
-            row = {label: {"threads": used[label], "step_seconds": statistics.median(samples[label]),
-                           "rounds_seconds": samples[label]} for label, _ in settings}
-            best = min(v["step_seconds"] for v in row.values())
+                    samples[n].append(json.loads(process.stdout.strip().splitlines()[-1])[1])
+            measured = {n: {"threads": n, "step_seconds": statistics.median(samples[n]), "rounds_seconds": samples[n]}
+                        for n in counts}
+            row = {"one_thread": measured[1], "all_cores": measured[cores], "default": measured[default]}
+            best = min(m["step_seconds"] for m in measured.values())
             row["default_over_best"] = row["default"]["step_seconds"] / best
             result[backend] = row
             log(f"  {backend}: 1 thread {1e3 * row['one_thread']['step_seconds']:.1f} ms, {cores} threads "
-                f"{1e3 * row['all_cores']['step_seconds']:.1f} ms, default ({row['default']['threads']} "
-                f"threads) {1e3 * row['default']['step_seconds']:.1f} ms")
+                f"{1e3 * row['all_cores']['step_seconds']:.1f} ms; default: {default} thread(s)")
     finally:
         for process in busy:
             process.kill()
