@@ -192,3 +192,27 @@ def test_dropout_is_nn_dropout_where_the_kernel_does_not_apply(monkeypatch):
     torch.manual_seed(1)
     assert torch.equal(ours, torch.nn.functional.dropout(x, 0.3, True))
     assert isinstance(SparseMLP([8, 6, 2], epsilon=1, dropout=0.2).drop1, Dropout)
+
+
+def test_a_build_killed_midway_does_not_hang_the_next_process(tmp_path):
+    """PyTorch's build guard is a lock file that a killed builder leaves behind, after which
+    every later load waited forever. A real SIGKILL during a real build; the next process must
+    build and load the kernel."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fast_ops()
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), csr_kernel.ENV: "fast"}
+    load = [sys.executable, "-c", "from synthprune import csr_kernel; csr_kernel.ops(); print('loaded')"]
+    first = subprocess.Popen(load, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("*/*/lock")) and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    assert list(tmp_path.glob("*/*/lock")), "the first process never started building"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert list(tmp_path.glob("*/*/lock")), "PyTorch's lock file should be left behind by the kill"
+    second = subprocess.run(load, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and second.stdout.strip() == "loaded", second.stderr[-1500:]

@@ -85,17 +85,52 @@ def _build():
         raise KernelUnavailable("ninja is not installed (pip install ninja)")
     suffix, flags = _vector_flags()
     name = f"synthprune_csr_{suffix}"
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    if not any(Path(root).glob(f"**/{name}/{name}.so")):  # torch puts it in e.g. py311_cpu/NAME/
-        print(f"synthprune: building the fast csr kernel once (~20 s) in {root}", file=sys.stderr)
+    folder = build_folder(name)
+    if not any(folder.glob(f"{name}*.so")):
+        print(f"synthprune: building the fast csr kernel once (~20 s) in {folder}", file=sys.stderr)
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    with warnings.catch_warnings():
+    with _one_builder(folder), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # compiler-version notes from cpp_extension
         cpp_extension.load(
-            name, [str(SOURCE)], extra_cflags=["-O3", *flags, *openmp],
-            extra_ldflags=openmp, is_python_module=False, verbose=False)
+            name, [str(SOURCE)], extra_cflags=["-O3", *flags, *openmp], extra_ldflags=openmp,
+            build_directory=str(folder), is_python_module=False, verbose=False)
     _register_fakes()
     return torch.ops.synthprune
+
+
+def build_folder(name: str) -> Path:
+    """Where the kernel is built: PyTorch's extension cache (``TORCH_EXTENSIONS_DIR``, default
+    ``~/.cache/torch_extensions``), a folder per Python and torch version (the library links
+    against both), then ``name``."""
+    from torch.utils import cpp_extension
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
+    return root / f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}" / name
+
+
+@contextmanager
+def _one_builder(folder: Path) -> Iterator[None]:
+    """One process at a time builds or loads the kernel in ``folder``. PyTorch's own guard is a
+    lock *file* that a process killed mid-build (SIGKILL, a cluster's time limit) leaves behind,
+    after which every later load waits for it forever. Ours is an ``flock``, which the kernel
+    releases when its holder dies; whoever holds it knows that a leftover PyTorch lock file is
+    stale, and removes it."""
+    import time
+
+    from synthprune.files import FolderLock, FolderLockedError
+
+    lock = FolderLock(folder, "csr kernel build folder")
+    while True:
+        try:
+            lock.acquire()
+            break
+        except FolderLockedError:
+            time.sleep(0.1)
+    try:
+        (folder / "lock").unlink(missing_ok=True)
+        yield
+    finally:
+        lock.release()
 
 
 def _register_fakes() -> None:
