@@ -10,6 +10,7 @@ process (the operating system's peak resident size), since allocations are not r
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -271,8 +272,6 @@ def bench_under_load(s: BenchSettings, log: Callable[[str], None]) -> dict:
     median over rounds; a count is measured once per round, also where the default equals it.
     ``default_over_best``: the default against the best count measured. The busy processes are
     stopped however this ends."""
-    import os
-
     from synthprune.threads import suggested_threads
 
     cores = os.cpu_count() or 1

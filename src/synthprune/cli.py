@@ -544,8 +544,8 @@ def bench(
     json_output: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
     memory: Annotated[bool, typer.Option(help="Measure peak training memory (a fresh process each).")] = True,
     under_load: Annotated[bool, typer.Option(
-        help="Instead: start one busy process per core, time a training step per backend at 1 thread and "
-             "at the default, then stop the load.")] = False,
+        help="Instead: start one busy process per core, time a training step per backend at 1 thread, at "
+             "every core and at train's default thread count, then stop the load.")] = False,
     threads: Annotated[int | None, typer.Option(
         min=1, help="Threads for torch while measuring (default: its own, the cores). --threads 1 gives "
                     "the one-thread figures of benchmarks/README.md.")] = None,
@@ -592,18 +592,12 @@ def bench(
 def under_load_table(r: dict) -> Table:
     t = Table(title=f"training step under load ({r['busy_processes']} busy processes), ms",
               caption=f"wall time, median; OpenMP wait policy {r['wait_policy']}; default: synthprune train's")
-    every = "all_cores" in next(iter(r[b] for b in ("dense", "masked", "csr")))  # older files lack it
-    columns = ["backend", "1 thread", *(["every core"] if every else []), "default", "default threads",
-               "default / best"]
-    for column in columns:
+    for column in ("backend", "1 thread", "every core", "default", "default threads", "default / best"):
         t.add_column(column, justify="right")
     for backend in ("dense", "masked", "csr"):
         row = r[backend]
-        one, default = row["one_thread"], row["default"]
-        cells = [backend, f"{1e3 * one['step_seconds']:.1f}"]
-        cells += [f"{1e3 * row['all_cores']['step_seconds']:.1f}"] if every else []
-        t.add_row(*cells, f"{1e3 * default['step_seconds']:.1f}", str(default["threads"]),
-                  f"{row['default_over_best']:.2f}x")
+        t.add_row(backend, *(f"{1e3 * row[k]['step_seconds']:.1f}" for k in ("one_thread", "all_cores", "default")),
+                  str(row["default"]["threads"]), f"{row['default_over_best']:.2f}x")
     return t
 
 

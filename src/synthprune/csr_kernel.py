@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from synthprune.files import FolderLock
+
 ENV = "SYNTHPRUNE_CSR_KERNEL"
 POLICIES = ("auto", "fast", "torch")
 SOURCE = Path(__file__).resolve().parent / "kernels" / "csr_cpu.cpp"
@@ -115,17 +117,7 @@ def _one_builder(folder: Path) -> Iterator[None]:
     after which every later load waits for it forever. Ours is an ``flock``, which the kernel
     releases when its holder dies; whoever holds it knows that a leftover PyTorch lock file is
     stale, and removes it."""
-    import time
-
-    from synthprune.files import FolderLock, FolderLockedError
-
-    lock = FolderLock(folder, "csr kernel build folder")
-    while True:
-        try:
-            lock.acquire()
-            break
-        except FolderLockedError:
-            time.sleep(0.1)
+    lock = FolderLock(folder, "csr kernel build folder").acquire(wait=True)
     try:
         (folder / "lock").unlink(missing_ok=True)
         yield

@@ -18,6 +18,7 @@ import torch
 
 from synthprune.files import atomic_write
 from synthprune.layers import SparseLayer
+from synthprune.models import unwrapped
 from synthprune.onnx_graph import LayerChoice, check_form, compress_graph
 from synthprune.residual import ResidualMLP, ResidualSummary, residual_network, save_residual
 from synthprune.rundir import RunDir
@@ -115,8 +116,7 @@ def _deployable(net: torch.nn.Module, example_input: torch.Tensor | None) -> tor
     """What is exported: the residual network of a trained sparse model, and in any case a copy
     whose sparse layers are plain ``nn.Linear``/``nn.Conv*`` (the exporter traces dense
     products; :func:`compress_graph` makes the file sparse again)."""
-    net = getattr(net, "_orig_mod", net)  # torch.compile's wrapper
-    net = net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
+    net = unwrapped(net)
     trained = any(isinstance(m, SparseLayer) for m in net.modules()) and not isinstance(net, ResidualMLP)
     if trained:
         with contextlib.suppress(ValueError):  # a model residual_network does not handle: exported as it is

@@ -124,13 +124,14 @@ class FolderLock:
             self.release()
             return False
 
-    def acquire(self) -> FolderLock:
+    def acquire(self, wait: bool = False) -> FolderLock:
+        """Take the lock; with ``wait``, block until its holder lets go instead of raising."""
         import fcntl
 
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             os.close(fd)
             raise FolderLockedError(

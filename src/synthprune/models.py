@@ -24,7 +24,7 @@ from synthprune.topology import er_count, erk_counts, uniform_count
 
 __all__ = [
     "ACTIVATIONS", "CONVOLUTIONS", "DISTRIBUTIONS", "SparseCNN", "SparseMLP", "linear_layers", "sparse_layers",
-    "sparsify", "weight_layers", "weight_slots",
+    "sparsify", "unwrapped", "weight_layers", "weight_slots",
 ]
 
 ACTIVATIONS = {
@@ -37,6 +37,12 @@ ACTIVATIONS = {
     "leaky_relu": nn.LeakyReLU,
 }
 DISTRIBUTIONS = ("er", "uniform", "erk")
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` or ``DistributedDataParallel`` wrapper holds (or ``model``)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the module it compiled
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

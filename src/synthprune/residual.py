@@ -33,7 +33,7 @@ from torch import nn
 from synthprune.compact import ResidualSummary, build_from_spec, compact_sequential, is_mlp, module_spec, weight_shapes
 from synthprune.files import FileFormatError, atomic_write, load_safetensors, read_json
 from synthprune.layers import CSRLinear, DenseLinear, SparseLinear
-from synthprune.models import ACTIVATIONS
+from synthprune.models import ACTIVATIONS, unwrapped
 
 __all__ = [
     "FORMS", "ResidualMLP", "ResidualSummary", "layer_edges", "live_masks", "load_residual", "residual_network",
@@ -227,8 +227,7 @@ def residual_network(model: nn.Module, form: str = "csr", example_input: torch.T
     """
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; valid: {', '.join(FORMS)}")
-    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the module it compiled
-    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    model = unwrapped(model)
     if not is_mlp(model):
         return compact_sequential(model, example_input, form)
     linears, activation_name = _mlp_parts(model)

@@ -125,11 +125,11 @@ class Session:
 def _fit(config: TrainConfig, run: RunDir, resume: bool, progress: Callable[[int, int], object] | None,
          log: Callable[[str], None], ranks: Ranks, auto_threads: bool = False) -> dict:
     session = _prepare(config, run, resume, log, ranks)
+    config = session.config  # on resume: the run's own
     if auto_threads and session.device.type == "cpu":
         chosen = apply_default_threads(session.model, config.batch_size // ranks.world_size)
         if chosen is not None:
             log(f"threads: {chosen} (from the model's work; --threads N to choose)")
-    config = session.config  # on resume: the run's own
     for epoch in range(session.start_epoch, config.epochs):
         row = _epoch(session, epoch, progress, log)
         _record(session, epoch, row)
