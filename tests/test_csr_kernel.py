@@ -53,15 +53,17 @@ def test_kernels_equal_dense_algebra(n_in, n_out, density, batch, seed, dtype, w
     torch.testing.assert_close(ops.csr_spmm(crow, col, values, None, x_t, None), weight @ x_t, **tol)
     torch.testing.assert_close(ops.csr_spmm(t_crow, t_col, values, sparse._t_perm, g_t, None), weight.t() @ g_t,
                                **tol)
-    grad_values, grad_bias = ops.csr_sddmm(crow, col, g_t, x_t, True)
-    torch.testing.assert_close(grad_values, (g_t @ x_t.t()).reshape(-1)[sparse.keys()], **tol)
-    torch.testing.assert_close(grad_bias, g_t.sum(1), **tol)
-    assert ops.csr_sddmm(crow, col, g_t, x_t, False)[1].numel() == 0
+    value_grads = (g_t @ x_t.t()).reshape(-1)[sparse.keys()]
     fused_x, fused_values, fused_bias = ops.csr_backward(t_crow, t_col, sparse._t_perm, values, g_t, x_t, True)
     torch.testing.assert_close(fused_x, weight.t() @ g_t, **tol)
-    torch.testing.assert_close(fused_values, grad_values, **tol)
+    torch.testing.assert_close(fused_values, value_grads, **tol)
     torch.testing.assert_close(fused_bias, g_t.sum(1), **tol)
     assert ops.csr_backward(t_crow, t_col, sparse._t_perm, values, g_t, x_t, False)[2].numel() == 0
+    # Without the input gradient (a first layer): the value gradient alone, no input gradient.
+    no_x, alone_values, alone_bias = ops.csr_backward(t_crow, t_col, sparse._t_perm, values, g_t, x_t, True, False)
+    assert no_x.numel() == 0
+    torch.testing.assert_close(alone_values, value_grads, **tol)
+    torch.testing.assert_close(alone_bias, g_t.sum(1), **tol)
 
 
 def test_kernels_reject_what_they_cannot_compute():

@@ -51,7 +51,7 @@ def main() -> None:
                            lambda: ops.csr_spmm(t_crow, t_col, values, t_perm, g_t, None), 1),
         "value + bias gradient (SDDMM)": (
             lambda: (torch.sparse.sampled_addmm(weight, g_t, x_t.t(), beta=0.0).values(), g_t.sum(1)),
-            lambda: ops.csr_sddmm(crow, col, g_t, x_t, True), 1),
+            lambda: ops.csr_backward(t_crow, t_col, t_perm, values, g_t, x_t, True, False)[1:], 1),
         "whole backward (fused)": (torch_backward,
                                    lambda: ops.csr_backward(t_crow, t_col, t_perm, values, g_t, x_t, True), 2),
     }

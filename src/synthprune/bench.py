@@ -26,6 +26,7 @@ from torch import nn
 
 from synthprune import csr_kernel
 from synthprune.models import SparseMLP
+from synthprune.optim import sgd
 from synthprune.residual import residual_network
 from synthprune.rewiring import Rewirer
 from synthprune.runs import connections
@@ -106,7 +107,7 @@ def bench_training(s: BenchSettings, log: Callable[[str], None]) -> dict:
         contenders, sizes = {}, {}
         for backend in ("dense", "masked", "csr"):
             model = _mlp(s.sizes, backend, epsilon)
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            optimizer = sgd(model.parameters(), lr=0.01, momentum=0.9)
             contenders[backend] = lambda m=model, o=optimizer: _train_step(m, o, x, y)
             sizes[backend] = _connections(model)
         if fast:  # the same csr model on the torch.sparse path, to show what the kernel gains
@@ -138,7 +139,7 @@ def bench_rewiring(s: BenchSettings, epoch_seconds: float, log: Callable[[str], 
     result = {}
     for grow in ("random", "synthesis", "gradient"):
         model = _mlp(s.sizes, "csr", 20.0)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        optimizer = sgd(model.parameters(), lr=0.01, momentum=0.9)
         _train_step(model, optimizer, *batch)
         rewirer = Rewirer(model, optimizer, grow=grow, seed=0)
         seconds = _alternate({grow: lambda r=rewirer: r.step(batch=batch)}, s.rounds, 1)[grow]
@@ -154,7 +155,7 @@ def bench_scaling(s: BenchSettings, log: Callable[[str], None]) -> dict:
     for width in s.widths:
         log(f"scaling: csr, 3 hidden layers of {width:,}")
         model = _mlp((s.sizes[0], width, width, width, s.sizes[-1]), "csr", 20.0)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        optimizer = sgd(model.parameters(), lr=0.01, momentum=0.9)
         rewirer = Rewirer(model, optimizer, grow="synthesis", seed=0)
         train = lambda m=model, o=optimizer: _train_step(m, o, x, y)
         times = _alternate({"train": train, "rewire": rewirer.step},
@@ -193,6 +194,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
     from synthprune.bench import _mlp, _train_step
+    from synthprune.optim import sgd
 
     def status(field):  # kB figures of /proc/self/status (Linux)
         with open("/proc/self/status") as handle:
@@ -202,14 +204,14 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     # Warm up on a tiny model of the same kind: kernels, thread pools and allocator arenas are a
     # fixed cost of the process, not memory the network needs.
     tiny = _mlp([sizes[0], 16, sizes[-1]], backend, 2.0)
-    _train_step(tiny, torch.optim.SGD(tiny.parameters(), lr=0.01, momentum=0.9),
+    _train_step(tiny, sgd(tiny.parameters(), lr=0.01, momentum=0.9),
                 torch.randn(batch, sizes[0]), torch.randint(0, sizes[-1], (batch,)))
     del tiny
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # reset the peak (VmHWM) to the current size, after the imports
     base = status("VmRSS")
     model = _mlp(sizes, backend, epsilon)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = sgd(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.randn(batch, sizes[0]), torch.randint(0, sizes[-1], (batch,))
     for _ in range(3):
         _train_step(model, optimizer, x, y)
@@ -241,12 +243,13 @@ _STEP_SCRIPT = textwrap.dedent("""
     import json, sys, time
     import torch
     from synthprune.bench import _mlp, _train_step
+    from synthprune.optim import sgd
 
     sizes, backend, epsilon, batch, threads, steps = json.loads(sys.argv[1])
     if threads:
         torch.set_num_threads(threads)
     model = _mlp(sizes, backend, epsilon)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = sgd(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.randn(batch, sizes[0]), torch.randint(0, sizes[-1], (batch,))
     for _ in range(3):
         _train_step(model, optimizer, x, y)

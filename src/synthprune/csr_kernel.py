@@ -1,7 +1,7 @@
 """The csr layer's fast CPU path: C++ kernels (``kernels/csr_cpu.cpp``) built once with
 ``torch.utils.cpp_extension`` and loaded as the ops ``torch.ops.synthprune.csr_spmm`` (forward and
-input gradient), ``csr_sddmm`` (value gradient) and ``csr_backward`` (both gradients in one
-pass), with ``torch.sparse`` as the fallback. The same library holds the dropout that
+input gradient) and ``csr_backward`` (value gradient, with the input gradient in the same pass
+when asked), with ``torch.sparse`` as the fallback. The same library holds the dropout that
 ``SparseMLP`` and ``SparseCNN`` use (``layers.Dropout``; ``nn.Dropout`` where it is not built).
 
 Which path is used: ``SYNTHPRUNE_CSR_KERNEL`` = ``auto`` (default: the kernel where it builds,
@@ -10,8 +10,9 @@ else ``torch.sparse``), ``fast`` (the kernel or an error) or ``torch`` (always `
 
 The build needs a C++ compiler and ninja and takes ~20 s, once: the library lands in PyTorch's
 extension cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), named by the
-CPU's vector extension (avx2 or generic) so a cache shared between machines never runs code
-their CPU lacks. ``make setup`` builds it; otherwise the first csr product does.
+CPU's vector extension (avx512, avx2 or generic, as PyTorch detects it), so a cache shared
+between machines never runs code their CPU lacks; ``ATEN_CPU_CAPABILITY=avx2`` picks a
+narrower one. ``make setup`` builds it; otherwise the first csr product does.
 
 Both paths compute the same products to float rounding (``tests/test_csr_kernel.py``). What the
 kernel gains, per product and per training step, is in ``benchmarks/README.md``.
@@ -72,7 +73,11 @@ def forced(chosen: str) -> Iterator[None]:
 def _vector_flags() -> tuple[str, list[str]]:
     """(name suffix, compiler flags) for the vector extensions this CPU has, as PyTorch sees them."""
     capability = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "DEFAULT"
-    if capability in ("AVX2", "AVX512") and sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):
+        return "generic", []
+    if capability == "AVX512":  # PyTorch's AVX512 level: F, BW, VL and DQ, as here
+        return "avx512", ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+    if capability == "AVX2":
         return "avx2", ["-mavx2", "-mfma"]
     return "generic", []
 
@@ -133,17 +138,13 @@ def _register_fakes() -> None:
     def _spmm(crow, col, values, perm, x_t, bias):
         return x_t.new_empty(crow.shape[0] - 1, x_t.shape[1])
 
-    @register("synthprune::csr_sddmm")
-    def _sddmm(crow, col, grad_t, x_t, with_bias):
-        return x_t.new_empty(col.shape[0]), x_t.new_empty(grad_t.shape[0] if with_bias else 0)
-
     @register("synthprune::dropout")
     def _dropout(x, p, seed):
         return torch.empty_like(x)
 
     @register("synthprune::csr_backward")
-    def _backward(t_crow, t_col, t_perm, values, grad_t, x_t, with_bias):
-        return (x_t.new_empty(x_t.shape), x_t.new_empty(values.shape[0]),
+    def _backward(t_crow, t_col, t_perm, values, grad_t, x_t, with_bias, with_input=True):
+        return (x_t.new_empty(x_t.shape if with_input else (0, x_t.shape[1])), x_t.new_empty(values.shape[0]),
                 x_t.new_empty(grad_t.shape[0] if with_bias else 0))
 
 

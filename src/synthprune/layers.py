@@ -302,7 +302,7 @@ class _CSRLinearFunction(torch.autograd.Function):
         grad_t = grad_out.t()  # [n_out, B]
         grad_x = grad_values = grad_bias = None
         if ctx.fast is not None:
-            return (*_fast_backward(ctx.fast, ctx.needs_input_grad, grad_t.contiguous(), x_t, values, crow, col,
+            return (*_fast_backward(ctx.fast, ctx.needs_input_grad, grad_t.contiguous(), x_t, values,
                                     t_crow, t_col, t_perm), None, None, None, None, None, None, None)
         if ctx.needs_input_grad[0]:  # dL/dx = dL/dy · W, via the cached transpose Wᵀ in CSR
             weight_t = torch.sparse_csr_tensor(t_crow, t_col, values[t_perm], (n_in, n_out), check_invariants=False)
@@ -325,22 +325,17 @@ def _csr_forward(fast, x_t, values, bias, crow, col, n_out: int, n_in: int) -> t
     return y_t.t()
 
 
-def _fast_backward(fast, needs, grad_t, x_t, values, crow, col, t_crow, t_col, t_perm):
-    """(dL/dx, dL/dvalues, dL/dbias) with the C++ kernels. When both the input and the value
-    gradients are wanted, one fused pass over Wᵀ computes them (each gradient row is fetched
-    once, not twice); the bias gradient is summed in the same call."""
-    grad_x = grad_values = grad_bias = None
-    if needs[0] and needs[1]:
+def _fast_backward(fast, needs, grad_t, x_t, values, t_crow, t_col, t_perm):
+    """(dL/dx, dL/dvalues, dL/dbias) with the C++ kernels. The value gradient comes from one
+    pass over Wᵀ, which also computes the input gradient when it is wanted (each gradient row
+    is fetched once, not twice) and sums the bias gradient; an input gradient alone is the
+    forward product with Wᵀ."""
+    if needs[1]:
         grad_x_t, grad_values, bias_sums = fast.csr_backward(t_crow, t_col, t_perm, values, grad_t, x_t,
-                                                              bool(needs[2]))
-        return grad_x_t.t(), grad_values, bias_sums if needs[2] else None
-    if needs[0]:
-        grad_x = fast.csr_spmm(t_crow, t_col, values, t_perm, grad_t, None).t()
-    if needs[1] or needs[2]:
-        grad_values, bias_sums = fast.csr_sddmm(crow, col, grad_t, x_t, bool(needs[2]))
-        grad_bias = bias_sums if needs[2] else None
-        grad_values = grad_values if needs[1] else None
-    return grad_x, grad_values, grad_bias
+                                                              bool(needs[2]), bool(needs[0]))
+        return grad_x_t.t() if needs[0] else None, grad_values, bias_sums if needs[2] else None
+    grad_x = fast.csr_spmm(t_crow, t_col, values, t_perm, grad_t, None).t() if needs[0] else None
+    return grad_x, None, grad_t.sum(1) if needs[2] else None
 
 
 _PRODUCT_DTYPES = (torch.float32, torch.float64)

@@ -22,6 +22,7 @@ from synthprune.config import ConfigError, TrainConfig, config_from_file
 from synthprune.data import load_dataset
 from synthprune.distributed import Ranks
 from synthprune.files import FileFormatError
+from synthprune.optim import sgd
 from synthprune.rewiring import Rewirer
 from synthprune.rundir import START_AGAIN, RunDir
 from synthprune.runs import build_model, connections, live_neurons, summarize, write_final
@@ -149,8 +150,7 @@ def _prepare(config: TrainConfig, run: RunDir, resume: bool, log: Callable[[str]
     torch.manual_seed(config.seed)
     data = _splits(config, device)
     model = build_model(config, data.x_train.shape[1], data.n_classes).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+    optimizer = sgd(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     rewirer = build_rewirer(config, model, optimizer, len(data.y_train))  # refuses an infeasible compress_to
     action = distributed.on_main(ranks, lambda: run.prepare(config.to_dict(), resume))
     session = Session(config, run, ranks, device, data, model, optimizer, rewirer, net=model)

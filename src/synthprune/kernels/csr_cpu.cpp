@@ -6,7 +6,7 @@
 // passes between layers), so every connection touches B contiguous values. The kernels are
 // bound by fetching those rows, not by arithmetic: they keep what they accumulate in
 // registers, prefetch the rows of the connections ahead, and fuse the bias (forward) and the
-// bias gradient (sampled product). Rows are split between threads with at::parallel_for; no
+// bias gradient (backward). Rows are split between threads with at::parallel_for; no
 // two threads write the same output.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -21,12 +21,20 @@
 
 namespace {
 
-// One 32-byte register of T (GCC/Clang vector extensions: AVX2 where built with -mavx2,
-// two SSE/NEON registers otherwise), with unaligned loads.
+// The register width the build targets: 64 bytes with AVX-512 (a batch of 128 floats is then
+// one block of 8 registers, so each connection's row is fetched once per product, not twice),
+// else 32 (AVX2, or two SSE/NEON registers).
+#if defined(__AVX512F__)
+constexpr int64_t kVectorBytes = 64;
+#else
+constexpr int64_t kVectorBytes = 32;
+#endif
+
+// One register of T (GCC/Clang vector extensions), with unaligned loads.
 template <typename T>
 struct Reg {
-  typedef T type __attribute__((vector_size(32)));
-  static constexpr int64_t lanes = 32 / sizeof(T);
+  typedef T type __attribute__((vector_size(kVectorBytes)));
+  static constexpr int64_t lanes = kVectorBytes / sizeof(T);
   static inline type load(const T* p) {
     type r;
     __builtin_memcpy(&r, p, sizeof r);
@@ -105,7 +113,16 @@ inline void reduce_lanes(const typename Reg<T>::type* parts, int64_t n, T* sums)
 #if defined(__AVX__)
   if constexpr (std::is_same_v<T, float>) {
     for (; c + 8 <= n; c += 8) {
-      const __m256* p = reinterpret_cast<const __m256*>(parts + c);
+      __m256 p[8];  // each register folded to 256 bits first where it is wider
+      for (int64_t r = 0; r < 8; ++r) {
+#if defined(__AVX512F__)
+        const __m512 wide = reinterpret_cast<const __m512*>(parts + c)[r];
+        p[r] = _mm256_add_ps(_mm512_castps512_ps256(wide),
+                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(wide), 1)));
+#else
+        p[r] = reinterpret_cast<const __m256*>(parts + c)[r];
+#endif
+      }
       const __m256 h01 = _mm256_hadd_ps(p[0], p[1]), h23 = _mm256_hadd_ps(p[2], p[3]);
       const __m256 h45 = _mm256_hadd_ps(p[4], p[5]), h67 = _mm256_hadd_ps(p[6], p[7]);
       const __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67);
@@ -118,58 +135,18 @@ inline void reduce_lanes(const typename Reg<T>::type* parts, int64_t n, T* sums)
   for (; c < n; ++c) sums[c] = Reg<T>::sum(parts[c]);
 }
 
-// out[k] = <grad[row(k), :], x[col[k], :]> for every connection k (the value gradient), and
-// bias_grad[i] = sum of grad[i, :] when bias_grad is given (the row is in cache anyway).
-// Each dot product runs in two registers of partial sums (two independent chains); their
-// lanes are added up afterwards, eight connections at a time (reduce_lanes).
-template <typename T, typename I>
-void sddmm_kernel(const I* __restrict__ crow, const I* __restrict__ col, const T* __restrict__ grad,
-                  const T* __restrict__ x, T* __restrict__ out, T* __restrict__ bias_grad,
-                  int64_t n_rows, int64_t batch) {
-  using R = Reg<T>;
-  using V = typename R::type;
-  constexpr int64_t L = R::lanes;
-  at::parallel_for(0, n_rows, 64, [&](int64_t begin, int64_t end) {
-    std::vector<V> partial;
-    for (int64_t i = begin; i < end; ++i) {
-      const T* __restrict__ g = grad + i * batch;
-      if (bias_grad) {
-        T s = 0;
-        for (int64_t t = 0; t < batch; ++t) s += g[t];
-        bias_grad[i] = s;
-      }
-      const int64_t k0 = crow[i], k1 = crow[i + 1];
-      partial.resize(k1 - k0);
-      int64_t full = batch - batch % (2 * L);
-      for (int64_t k = k0; k < k1; ++k) {
-        if (k + kPrefetchAhead < k1)
-          prefetch_bytes(x + static_cast<int64_t>(col[k + kPrefetchAhead]) * batch, full * sizeof(T));
-        const T* xr = x + static_cast<int64_t>(col[k]) * batch;
-        V a{}, b{};
-        for (int64_t t = 0; t < full; t += 2 * L) {
-          a += R::load(g + t) * R::load(xr + t);
-          b += R::load(g + t + L) * R::load(xr + t + L);
-        }
-        partial[k - k0] = a + b;
-      }
-      reduce_lanes<T>(partial.data(), k1 - k0, out + k0);
-      for (int64_t k = k0; k < k1; ++k) {  // the last batch values, fewer than two registers
-        const T* xr = x + static_cast<int64_t>(col[k]) * batch;
-        for (int64_t t = full; t < batch; ++t) out[k] += g[t] * xr[t];
-      }
-    }
-  });
-}
-
-// The whole backward of a layer whose input gradient is wanted, in one pass over W's columns
-// (the cached transpose: t_crow, t_col = the rows, t_perm = each connection's CSR position):
-//   grad_x[j, :] = sum over column j's connections of values[k] * grad[row, :]
+// The backward of a layer in one pass over W's columns (the cached transpose: t_crow, t_col =
+// the rows, t_perm = each connection's CSR position):
+//   grad_x[j, :] = sum over column j's connections of values[k] * grad[row, :]   (if grad_x)
 //   out[k]       = <grad[row, :], x[j, :]>
 // Both read the same gradient row per connection, the only rows fetched from far away (the
 // row x[j, :] stays in L1 while column j is worked on), so fusing them halves the backward's
-// memory traffic against an input-gradient product followed by a separate SDDMM. Threads
+// memory traffic against an input-gradient product followed by a separate SDDMM. Without
+// grad_x (a first layer) it is the SDDMM alone, still column by column: x[j, :] is reused by
+// every connection of the column, where a row-by-row SDDMM fetches a random x row for each
+// (2.5x its limit against 1.5x for the whole fused backward, AVX-512, one thread). Threads
 // split the columns: each writes its own rows of grad_x and its own connections of out.
-template <typename T, typename I>
+template <typename T, typename I, bool WithInput>
 void backward_kernel(const I* __restrict__ t_crow, const I* __restrict__ t_col, const int64_t* __restrict__ t_perm,
                      const T* __restrict__ values, const T* __restrict__ grad, const T* __restrict__ x,
                      T* __restrict__ grad_x, T* __restrict__ out, int64_t n_cols, int64_t batch) {
@@ -185,7 +162,7 @@ void backward_kernel(const I* __restrict__ t_crow, const I* __restrict__ t_col, 
     for (int64_t j = begin; j < end; ++j) {
       const int64_t k0 = t_crow[j], k1 = t_crow[j + 1];
       const T* __restrict__ xj = x + j * batch;
-      T* __restrict__ gx = grad_x + j * batch;
+      T* __restrict__ gx = WithInput ? grad_x + j * batch : nullptr;
       partial.assign(k1 - k0, V{});
       int64_t t0 = 0;
       for (; t0 + W <= batch; t0 += W) {
@@ -193,19 +170,22 @@ void backward_kernel(const I* __restrict__ t_crow, const I* __restrict__ t_col, 
         for (int64_t k = k0; k < k1; ++k) {
           if (k + kPrefetchAhead < k1)
             prefetch_bytes(grad + static_cast<int64_t>(t_col[k + kPrefetchAhead]) * batch + t0, W * sizeof(T));
-          const T v = values[t_perm[k]];
+          const T v = WithInput ? values[t_perm[k]] : T(0);
           const T* g = grad + static_cast<int64_t>(t_col[k]) * batch + t0;
           V d0{}, d1{};
           for (int64_t r = 0; r < kBlockRegs; r += 2) {
             const V g0 = R::load(g + r * R::lanes), g1 = R::load(g + (r + 1) * R::lanes);
-            acc[r] += v * g0;
-            acc[r + 1] += v * g1;
+            if constexpr (WithInput) {
+              acc[r] += v * g0;
+              acc[r + 1] += v * g1;
+            }
             d0 += g0 * R::load(xj + t0 + r * R::lanes);
             d1 += g1 * R::load(xj + t0 + (r + 1) * R::lanes);
           }
           partial[k - k0] += d0 + d1;
         }
-        for (int64_t r = 0; r < kBlockRegs; ++r) R::store(gx + t0 + r * R::lanes, acc[r]);
+        if constexpr (WithInput)
+          for (int64_t r = 0; r < kBlockRegs; ++r) R::store(gx + t0 + r * R::lanes, acc[r]);
       }
       sums.resize(k1 - k0);
       reduce_lanes<T>(partial.data(), k1 - k0, sums.data());
@@ -215,10 +195,10 @@ void backward_kernel(const I* __restrict__ t_crow, const I* __restrict__ t_col, 
         for (int64_t k = k0; k < k1; ++k) {
           const int64_t at = t_perm[k];
           const T g = grad[static_cast<int64_t>(t_col[k]) * batch + t0];
-          acc += values[at] * g;
+          if constexpr (WithInput) acc += values[at] * g;
           out[at] += g * xj[t0];
         }
-        gx[t0] = acc;
+        if constexpr (WithInput) gx[t0] = acc;
       }
     }
   });
@@ -307,34 +287,13 @@ at::Tensor csr_spmm(const at::Tensor& crow, const at::Tensor& col, const at::Ten
   return y;
 }
 
-// (value gradient [nnz], bias gradient [n_rows]): out[k] = <grad_t[row(k)], x_t[col(k)]> and
-// the row sums of grad_t; the bias gradient is empty when with_bias is false.
-std::tuple<at::Tensor, at::Tensor> csr_sddmm(const at::Tensor& crow, const at::Tensor& col,
-                                             const at::Tensor& grad_t, const at::Tensor& x_t, bool with_bias) {
-  check_index(crow, col);
-  check_dense(grad_t, x_t, "grad_t");
-  check_dense(x_t, grad_t, "x_t");
-  TORCH_CHECK(grad_t.size(1) == x_t.size(1), "grad_t and x_t must have the same batch");
-  const int64_t n_rows = crow.size(0) - 1, batch = x_t.size(1);
-  auto out = at::empty({col.size(0)}, x_t.options());
-  auto bias_grad = at::empty({with_bias ? n_rows : 0}, x_t.options());
-  AT_DISPATCH_FLOATING_TYPES(x_t.scalar_type(), "csr_sddmm", [&] {
-    dispatch_index(crow, [&](auto index) {
-      using I = decltype(index);
-      sddmm_kernel<scalar_t, I>(crow.data_ptr<I>(), col.data_ptr<I>(), grad_t.data_ptr<scalar_t>(),
-                                x_t.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                                with_bias ? bias_grad.data_ptr<scalar_t>() : nullptr, n_rows, batch);
-    });
-  });
-  return {out, bias_grad};
-}
-
-// (input gradient [n_in, B], value gradient [nnz], bias gradient [n_out] or empty): the
-// fused backward, given W's transpose (t_crow, t_col, t_perm) and the forward's x_t.
+// (input gradient [n_in, B] or empty, value gradient [nnz], bias gradient [n_out] or empty):
+// the fused backward, given W's transpose (t_crow, t_col, t_perm) and the forward's x_t. The
+// input gradient is computed when with_input is true, the bias gradient when with_bias is.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_backward(const at::Tensor& t_crow, const at::Tensor& t_col,
                                                             const at::Tensor& t_perm, const at::Tensor& values,
                                                             const at::Tensor& grad_t, const at::Tensor& x_t,
-                                                            bool with_bias) {
+                                                            bool with_bias, bool with_input) {
   check_index(t_crow, t_col);
   check_dense(grad_t, x_t, "grad_t");
   check_dense(x_t, grad_t, "x_t");
@@ -344,16 +303,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_backward(const at::Tensor& t_
   TORCH_CHECK(grad_t.size(1) == x_t.size(1), "grad_t and x_t must have the same batch");
   const int64_t n_cols = t_crow.size(0) - 1, batch = x_t.size(1);
   TORCH_CHECK(x_t.size(0) == n_cols, "x_t must have one row per input");
-  auto grad_x = at::empty({n_cols, batch}, x_t.options());
+  auto grad_x = with_input ? at::empty({n_cols, batch}, x_t.options()) : at::empty({0, batch}, x_t.options());
   auto out = at::empty({values.size(0)}, x_t.options());
   auto bias_grad = at::empty({with_bias ? grad_t.size(0) : 0}, x_t.options());
   AT_DISPATCH_FLOATING_TYPES(x_t.scalar_type(), "csr_backward", [&] {
     if (with_bias) row_sums<scalar_t>(grad_t.data_ptr<scalar_t>(), bias_grad.data_ptr<scalar_t>(), grad_t.size(0), batch);
     dispatch_index(t_crow, [&](auto index) {
       using I = decltype(index);
-      backward_kernel<scalar_t, I>(t_crow.data_ptr<I>(), t_col.data_ptr<I>(), t_perm.data_ptr<int64_t>(),
-                                   values.data_ptr<scalar_t>(), grad_t.data_ptr<scalar_t>(), x_t.data_ptr<scalar_t>(),
-                                   grad_x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n_cols, batch);
+      auto run = [&](auto kernel) {
+        kernel(t_crow.data_ptr<I>(), t_col.data_ptr<I>(), t_perm.data_ptr<int64_t>(), values.data_ptr<scalar_t>(),
+               grad_t.data_ptr<scalar_t>(), x_t.data_ptr<scalar_t>(), with_input ? grad_x.data_ptr<scalar_t>() : nullptr,
+               out.data_ptr<scalar_t>(), n_cols, batch);
+      };
+      if (with_input) run(backward_kernel<scalar_t, I, true>);
+      else run(backward_kernel<scalar_t, I, false>);
     });
   });
   return {grad_x, out, bias_grad};
@@ -377,15 +340,13 @@ at::Tensor dropout(const at::Tensor& x, double p, int64_t seed) {
 
 TORCH_LIBRARY(synthprune, m) {
   m.def("csr_spmm(Tensor crow, Tensor col, Tensor values, Tensor? perm, Tensor x_t, Tensor? bias) -> Tensor");
-  m.def("csr_sddmm(Tensor crow, Tensor col, Tensor grad_t, Tensor x_t, bool with_bias) -> (Tensor, Tensor)");
   m.def("csr_backward(Tensor t_crow, Tensor t_col, Tensor t_perm, Tensor values, Tensor grad_t, Tensor x_t, "
-        "bool with_bias) -> (Tensor, Tensor, Tensor)");
+        "bool with_bias, bool with_input=True) -> (Tensor, Tensor, Tensor)");
   m.def("dropout(Tensor x, float p, int seed) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(synthprune, CPU, m) {
   m.impl("csr_spmm", &csr_spmm);
-  m.impl("csr_sddmm", &csr_sddmm);
   m.impl("csr_backward", &csr_backward);
   m.impl("dropout", &dropout);
 }
