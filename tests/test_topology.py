@@ -1,6 +1,8 @@
 """The pure topology primitives: counts, sampling, the shared selection, invariant checks."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -67,6 +69,17 @@ def test_sample_free_avoids_existing(n_slots, existing_frac, grow_frac, seed):
     assert new.numel() == count == new.unique().numel()
     assert not contains(existing, new).any()
     assert new.numel() == 0 or (new.min() >= 0 and new.max() < n_slots)
+
+
+def test_a_full_layer_is_drawn_without_collecting_coupons():
+    # Bug: a layer created full (density 1, gradual magnitude pruning from dense) drew its
+    # 784,000 keys by rejection sampling, whose last keys took tens of minutes: the run never
+    # started. A real process, so that the old behaviour fails by the timeout instead of hanging.
+    script = ("import torch; from synthprune.topology import random_keys; "
+              "k = random_keys(784_000, 784_000, torch.Generator().manual_seed(0)); "
+              "assert torch.equal(k, torch.arange(784_000)); "
+              "k = random_keys(784_000, 700_000, torch.Generator().manual_seed(0)); assert k.unique().numel() == 700_000")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
 
 
 def test_sample_free_refuses_more_than_free():

@@ -167,17 +167,19 @@ def sample_free(
 ) -> torch.Tensor:
     """``count`` distinct keys drawn uniformly from the slots not in ``existing`` (sorted).
 
-    Returns keys in draw order (unsorted). While at least half the slots are free this is
-    rejection sampling with O(count) expected work and memory; when the layer is more than half
-    full it enumerates the free slots, which costs O(n_slots) -- of the same order as the
-    layer's connections at that point.
+    Returns keys in draw order (unsorted). While at least half the slots are free and at most
+    half of the free ones are drawn, this is rejection sampling with O(count) expected work and
+    memory. Otherwise it enumerates the free slots, which costs O(n_slots) -- of the same order
+    as the layer's connections or the draw. (Rejection sampling for nearly every free slot, e.g.
+    a layer created full for gradual pruning from dense, is a coupon collector: its last keys
+    took tens of minutes on a 784 x 1000 layer.)
     """
     n_free = n_slots - existing.numel()
     if not 0 <= count <= n_free:
         raise ValueError(f"cannot place {count} connections in {n_free} free slots")
     if count == 0:
         return torch.empty(0, dtype=_LONG)
-    if 2 * n_free < n_slots:
+    if 2 * n_free < n_slots or 2 * count > n_free:
         free = torch.ones(n_slots, dtype=torch.bool)
         free[existing] = False
         free_keys = free.nonzero().squeeze(1)
