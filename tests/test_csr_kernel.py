@@ -218,3 +218,71 @@ def test_a_build_killed_midway_does_not_hang_the_next_process(tmp_path):
     assert list(tmp_path.glob("*/*/lock")), "PyTorch's lock file should be left behind by the kill"
     second = subprocess.run(load, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and second.stdout.strip() == "loaded", second.stderr[-1500:]
+
+
+@given(n_in=st.integers(1, 70), n_out=st.integers(1, 70), density=st.floats(0.01, 1.0),
+       batch=st.sampled_from([0, 1, 3, 16, 31, 65, 130]), p=st.sampled_from([0.0, 0.1, 0.5]),
+       seed=st.integers(0, 10_000), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_fused_relu_dropout_equals_the_separate_ops(n_in, n_out, density, batch, p, seed, dtype):
+    # csr_spmm_relu = dropout(relu(product)) with the dropout op's mask, bit for bit; its
+    # backward = the gradient through both, with the bias gradient as its row sums.
+    ops = fast_ops()
+    sparse = layer(n_in, n_out, density, seed, dtype)
+    values, bias = sparse.values.detach(), sparse.bias.detach()
+    gen = torch.Generator().manual_seed(seed + 1)
+    x_t = torch.randn(n_in, batch, generator=gen, dtype=dtype)
+    g_t = torch.randn(n_out, batch, generator=gen, dtype=dtype)
+    relu = ops.csr_spmm(sparse._crow, sparse._col, values, None, x_t, bias).relu()
+    separate = ops.dropout(relu, p, seed) if p > 0 else relu
+    fused = ops.csr_spmm_relu(sparse._crow, sparse._col, values, x_t, bias, p, seed)
+    assert torch.equal(fused, separate)
+    grad_z, bias_grad = ops.relu_dropout_backward(g_t, fused, p, True)
+    expected = torch.where(relu > 0, ops.dropout(g_t, p, seed) if p > 0 else g_t, torch.zeros_like(g_t))
+    torch.testing.assert_close(grad_z, expected, rtol=0, atol=0)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-12, "rtol": 1e-12}
+    torch.testing.assert_close(bias_grad, expected.sum(1), **tol)
+    assert ops.relu_dropout_backward(g_t, fused, p, False)[1].numel() == 0
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_mlp_fuses_its_blocks_bit_for_bit(dropout, dtype):
+    # SparseMLP runs csr -> ReLU -> Dropout as one op; a hook on a module turns its block back
+    # into separate modules (the hook must see them run). Outputs, gradients and the random
+    # state afterwards are the same either way, in training and in eval.
+    fast_ops()
+    model = SparseMLP([40, 30, 20, 5], epsilon=3, dropout=dropout, seed=0).to(dtype)
+    x, y = torch.randn(17, 40, dtype=dtype), torch.randint(0, 5, (17,))
+    calls = []
+
+    def run(separate: bool):
+        hooks = [getattr(model, f"act{i}").register_forward_hook(lambda *a: calls.append(1)) for i in (1, 2)] \
+            if separate else []
+        torch.manual_seed(3)
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        for hook in hooks:
+            hook.remove()
+        return out.detach(), [p.grad for p in model.parameters()], torch.get_rng_state()
+
+    fused, separate = run(False), run(True)
+    assert len(calls) == 2  # the hooked modules ran
+    assert torch.equal(fused[0], separate[0]) and torch.equal(fused[2], separate[2])
+    assert all(torch.equal(a, b) for a, b in zip(fused[1], separate[1], strict=True))
+    model.eval()
+    with torch.no_grad():
+        plain = model(x)
+        hook = model.act1.register_forward_hook(lambda *a: None)
+        assert torch.equal(model(x), plain)
+        hook.remove()
+
+
+def test_gradcheck_through_the_fused_block():
+    fast_ops()
+    model = SparseMLP([6, 5, 4], epsilon=2, seed=1).double()
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    # kink-free: every pre-activation away from 0, so the ReLU is differentiable there
+    with torch.no_grad():
+        model.fc1.bias.add_(torch.where(model.fc1(x) >= 0, 0.5, -0.5).mean(0))
+    assert torch.autograd.gradcheck(lambda x, v, b: model(x), (x, model.fc1.values, model.fc1.bias))

@@ -78,7 +78,8 @@ def test_a_full_layer_is_drawn_without_collecting_coupons():
     script = ("import torch; from synthprune.topology import random_keys; "
               "k = random_keys(784_000, 784_000, torch.Generator().manual_seed(0)); "
               "assert torch.equal(k, torch.arange(784_000)); "
-              "k = random_keys(784_000, 700_000, torch.Generator().manual_seed(0)); assert k.unique().numel() == 700_000")
+              "k = random_keys(784_000, 700_000, torch.Generator().manual_seed(0)); "
+              "assert k.unique().numel() == 700_000")
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
 
 

@@ -1,7 +1,8 @@
 """The csr layer's fast CPU path: C++ kernels (``kernels/csr_cpu.cpp``) built once with
 ``torch.utils.cpp_extension`` and loaded as the ops ``torch.ops.synthprune.csr_spmm`` (forward and
-input gradient) and ``csr_backward`` (value gradient, with the input gradient in the same pass
-when asked), with ``torch.sparse`` as the fallback. The same library holds the dropout that
+input gradient), ``csr_backward`` (value gradient, with the input gradient in the same pass
+when asked) and ``csr_spmm_relu`` / ``relu_dropout_backward`` (a layer with the ReLU and dropout
+after it fused in), with ``torch.sparse`` as the fallback. The same library holds the dropout that
 ``SparseMLP`` and ``SparseCNN`` use (``layers.Dropout``; ``nn.Dropout`` where it is not built).
 
 Which path is used: ``SYNTHPRUNE_CSR_KERNEL`` = ``auto`` (default: the kernel where it builds,
@@ -137,6 +138,14 @@ def _register_fakes() -> None:
     @register("synthprune::csr_spmm")
     def _spmm(crow, col, values, perm, x_t, bias):
         return x_t.new_empty(crow.shape[0] - 1, x_t.shape[1])
+
+    @register("synthprune::csr_spmm_relu")
+    def _spmm_relu(crow, col, values, x_t, bias, p, seed):
+        return x_t.new_empty(crow.shape[0] - 1, x_t.shape[1])
+
+    @register("synthprune::relu_dropout_backward")
+    def _relu_dropout_backward(grad_t, y_t, p, with_bias):
+        return torch.empty_like(grad_t), grad_t.new_empty(grad_t.shape[0] if with_bias else 0)
 
     @register("synthprune::dropout")
     def _dropout(x, p, seed):

@@ -315,6 +315,31 @@ class _CSRLinearFunction(torch.autograd.Function):
         return grad_x, grad_values, grad_bias, None, None, None, None, None, None, None
 
 
+class _CSRReLUFunction(torch.autograd.Function):
+    """``dropout(relu(x Wᵀ + b), p)`` (``p = 0``: no dropout) in one forward and one backward
+    pass over the activations, fast path only (:meth:`CSRLinear.relu_dropout`). The same
+    results, bit for bit, and the same dropout masks as the layer, ``nn.ReLU`` and
+    :class:`Dropout` one after the other; saves the output, which the next layer saves anyway
+    as its input, so it costs no memory."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, crow, col, t_crow, t_col, t_perm, fast, p, seed):
+        x_t = x.t().contiguous()
+        y_t = fast.csr_spmm_relu(crow, col, values, x_t, bias, p, seed)
+        ctx.save_for_backward(x_t, values, y_t, t_crow, t_col, t_perm)
+        ctx.fast, ctx.p = fast, p
+        return y_t.t()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_t, values, y_t, t_crow, t_col, t_perm = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_z, bias_sums = ctx.fast.relu_dropout_backward(grad_out.t().contiguous(), y_t, ctx.p, bool(needs[2]))
+        grad_x, grad_values, _ = _fast_backward(ctx.fast, (needs[0], needs[1], False), grad_z, x_t, values,
+                                                t_crow, t_col, t_perm)
+        return (grad_x, grad_values, bias_sums if needs[2] else None, *[None] * 8)
+
+
 def _csr_forward(fast, x_t, values, bias, crow, col, n_out: int, n_in: int) -> torch.Tensor:
     """``y = x Wᵀ + b`` as the transposed view of a contiguous ``[n_out, B]``, from ``x_t``
     ``[n_in, B]``: the fast kernel's ops when given, else ``torch.sparse``."""
@@ -486,6 +511,26 @@ class CSRLinear(SparseLinear):
             self._t_crow, self._t_col, self._t_perm, self.out_features, self.in_features,
         )
 
+    def relu_dropout(self, x: torch.Tensor, p: float) -> torch.Tensor | None:
+        """``dropout(relu(self(x)), p)`` as one fused op (``p = 0``: no dropout, an inference or
+        ``eval()`` pass), drawing its dropout seed as :class:`Dropout` does; ``None`` where the
+        fast kernel does not apply (then run the modules one by one). What
+        :class:`~synthprune.models.SparseMLP` calls for each ``fc → ReLU → Dropout``."""
+        values, bias = self.values, self.bias
+        if (x.dim() != 2 or x.shape[1] != self.in_features or x.dtype != values.dtype or _exporting()
+                or _autocast_dtype(x.device.type) is not None or values.dtype not in _PRODUCT_DTYPES):
+            return None
+        fast = csr_kernel.usable(x, values)
+        if fast is None:
+            return None
+        seed = _dropout_seed() if p > 0 else 0
+        wants_grad = torch.is_grad_enabled() and (
+            x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
+        if not wants_grad:
+            return fast.csr_spmm_relu(self._crow, self._col, values, x.t().contiguous(), bias, p, seed).t()
+        return _CSRReLUFunction.apply(x, values, bias, self._crow, self._col, self._t_crow, self._t_col,
+                                      self._t_perm, fast, p, seed)
+
     def _consistent(self, values: torch.Tensor, cols: torch.Tensor, crow: torch.Tensor) -> bool:
         """Whether stored csr tensors can be this layer's: matching lengths, row pointers from 0
         to nnz without going back, columns in range."""
@@ -597,9 +642,13 @@ class Dropout(nn.Dropout):
         if self.training and 0 < self.p < 1 and not self.inplace and _dense_in_memory(x):
             fast = csr_kernel.usable(x)
             if fast is not None:
-                seed = int(torch.randint(-2**63, 2**63 - 1, (1,), dtype=torch.long))
-                return _DropoutFunction.apply(x, self.p, seed, fast)
+                return _DropoutFunction.apply(x, self.p, _dropout_seed(), fast)
         return super().forward(x)
+
+
+def _dropout_seed() -> int:
+    """The seed of one dropout mask: one draw from torch's default generator."""
+    return int(torch.randint(-2**63, 2**63 - 1, (1,), dtype=torch.long))
 
 
 def _dense_in_memory(x: torch.Tensor) -> bool:
