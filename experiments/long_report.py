@@ -1,7 +1,8 @@
 """The long-training report (issue 16) from committed records alone: per configuration, the test
 accuracy of the epoch chosen on validation (never on test), mean and 95% t-interval over seeds,
 and paired differences against SET and static sparse by seed (same seed = same data order and
-initial wiring), with their 95% t-intervals. Also the learning curves (validation accuracy).
+initial wiring), with their 95% t-intervals; compressed runs against SET compressed to the same
+budget and static sparse trained at that budget from the start. Also the learning curves (validation accuracy).
 
     python experiments/long_report.py [RECORDS] [FIGURE]
     (default: experiments/results/long-e60 and docs/figures/long_curves.png)
@@ -12,6 +13,7 @@ Cells with fewer than two seeds have no interval and say so.
 from __future__ import annotations
 
 import csv
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -24,6 +26,19 @@ import matplotlib.pyplot as plt
 from scipy import stats
 
 REFERENCES = {"random-full": "SET", "none-full": "static"}
+# Compressed runs (long_compression.yaml) are compared at their own budget: against SET
+# compressed to it, and against static sparse trained at that budget from the start.
+BUDGET = re.compile(r"-c(?P<budget>[0-9.]+)$|^static-final-(?P<final>[0-9.]+)$")
+BUDGET_REFERENCES = {"random-c{}": "SET at the budget", "static-final-{}": "static at the budget"}
+
+
+def references(name: str) -> dict[str, str]:
+    """``{reference configuration: label}`` for the paired columns of ``name``."""
+    found = BUDGET.search(name)
+    if found is None:
+        return REFERENCES
+    budget = found["budget"] or found["final"]
+    return {pattern.format(budget): label for pattern, label in BUDGET_REFERENCES.items()}
 
 
 def read(folder: Path) -> dict[str, dict[int, list[dict]]]:
@@ -51,18 +66,21 @@ def interval(values: list[float]) -> str:
 
 
 def table(runs: dict[str, dict[int, list[dict]]]) -> str:
+    compressed = any(BUDGET.search(name) for name in runs)
+    labels = list(BUDGET_REFERENCES.values()) if compressed else list(REFERENCES.values())
     lines = ["| configuration | seeds | epochs | test acc at best val. (%, 95% CI) | "
-             + " | ".join(f"paired vs {label} (points)" for label in REFERENCES.values()) + " |",
-             "|---|---|---|---|" + "---|" * len(REFERENCES)]
+             + " | ".join(f"paired vs {label} (points)" for label in labels) + " |",
+             "|---|---|---|---|" + "---|" * len(labels)]
     for name, seeds in sorted(runs.items()):
         scores = {seed: chosen(rows) for seed, rows in seeds.items()}
         paired = []
-        for reference in REFERENCES:
+        for reference in references(name):
             common = sorted(set(scores) & set(runs.get(reference, {})))
             if name == reference or not common:
                 paired.append("—")
                 continue
             paired.append(interval([scores[s] - chosen(runs[reference][s]) for s in common]))
+        paired += ["—"] * (len(labels) - len(paired))
         epochs = {int(rows[-1]["epoch"]) for rows in seeds.values()}
         lines.append(f"| {name} | {len(seeds)} | {'/'.join(map(str, sorted(epochs)))} | "
                      f"{interval(list(scores.values()))} | " + " | ".join(paired) + " |")
