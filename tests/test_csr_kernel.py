@@ -286,3 +286,15 @@ def test_gradcheck_through_the_fused_block():
     with torch.no_grad():
         model.fc1.bias.add_(torch.where(model.fc1(x) >= 0, 0.5, -0.5).mean(0))
     assert torch.autograd.gradcheck(lambda x, v, b: model(x), (x, model.fc1.values, model.fc1.bias))
+
+
+def test_a_global_module_hook_sees_every_module_of_a_fused_block():
+    fast_ops()
+    model = SparseMLP([12, 8, 3], epsilon=2, dropout=0.2, seed=0)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: seen.append(type(m).__name__))
+    try:
+        model(torch.randn(4, 12))
+    finally:
+        handle.remove()
+    assert {"CSRLinear", "ReLU", "Dropout"} <= set(seen)

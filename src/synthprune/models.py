@@ -232,8 +232,9 @@ def _hooked(block: list[nn.Module]) -> bool:
     """Whether any module of ``block`` has forward or backward hooks, or any module has global ones."""
     from torch.nn.modules import module as torch_module
 
-    if (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
-            or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks):
+    if any(getattr(torch_module, name, None) for name in (
+            "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+            "_global_backward_pre_hooks")):
         return True
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                for m in block)
