@@ -298,3 +298,10 @@ def test_a_global_module_hook_sees_every_module_of_a_fused_block():
     finally:
         handle.remove()
     assert {"CSRLinear", "ReLU", "Dropout"} <= set(seen)
+
+
+@given(batch=st.integers(1, 40), n=st.integers(1, 40), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_batch_minor_is_the_transpose(batch, n, dtype):
+    ops = fast_ops()
+    x = torch.randn(batch, n, dtype=dtype)
+    assert torch.equal(ops.batch_minor(x), x.t().contiguous())

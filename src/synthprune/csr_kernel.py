@@ -147,6 +147,10 @@ def _register_fakes() -> None:
     def _relu_dropout_backward(grad_t, y_t, p, with_bias):
         return torch.empty_like(grad_t), grad_t.new_empty(grad_t.shape[0] if with_bias else 0)
 
+    @register("synthprune::batch_minor")
+    def _batch_minor(x):
+        return x.new_empty(x.shape[1], x.shape[0])
+
     @register("synthprune::dropout")
     def _dropout(x, p, seed):
         return torch.empty_like(x)

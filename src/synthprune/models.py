@@ -9,6 +9,7 @@ from itertools import pairwise
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module  # its global hooks
 
 from synthprune.conv import SparseConv1d, SparseConv2d
 from synthprune.layers import (
@@ -230,8 +231,6 @@ def _fused_block(modules: list[nn.Module], i: int, x: torch.Tensor) -> tuple[tor
 
 def _hooked(block: list[nn.Module]) -> bool:
     """Whether any module of ``block`` has forward or backward hooks, or any module has global ones."""
-    from torch.nn.modules import module as torch_module
-
     if any(getattr(torch_module, name, None) for name in (
             "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
             "_global_backward_pre_hooks")):
