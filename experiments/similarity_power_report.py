@@ -100,9 +100,17 @@ def pair_measures(a: Structure, b: Structure, initial: Structure) -> dict:
             "layer": a.layer_names[i], "edge_jaccard": both.size / union if union else 1.0,
             "initial_share": 1 - (grown_a.size + grown_b.size) / max(ka.size + kb.size, 1),
             "ceiling": best / (ka.size + kb.size - best) if ka.size + kb.size > best else 1.0,
-            "grown_jaccard": jaccard(grown_a, grown_b),
-            "grown_chance": chance_jaccard(grown_a.size, grown_b.size, free)})
+            # nothing grown (pruning alone): no grown connections to compare
+            "grown_jaccard": jaccard(grown_a, grown_b) if grown_a.size + grown_b.size else None,
+            "grown_chance": chance_jaccard(grown_a.size, grown_b.size, free) if grown_a.size + grown_b.size else None})
     return result
+
+
+def grown(rows: list[dict]) -> str:
+    """The grown connections' Jaccard and its chance level, or a dash where nothing grew."""
+    if any(r["grown_jaccard"] is None for r in rows):
+        return "— (nothing grown) | —"
+    return f"{mean_sd([r['grown_jaccard'] for r in rows])} | {statistics.fmean(r['grown_chance'] for r in rows):.4f}"
 
 
 def mean_sd(values: list[float]) -> str:
@@ -146,8 +154,7 @@ def main(folder: Path, figure: Path) -> None:
             print(f"| {name} | {rows[0]['layer']} | {mean_sd([r['edge_jaccard'] for r in rows])} "
                   f"| {statistics.fmean(r['initial_share'] for r in rows):.1%} "
                   f"| {statistics.fmean(r['ceiling'] for r in rows):.3f} "
-                  f"| {mean_sd([r['grown_jaccard'] for r in rows])} "
-                  f"| {statistics.fmean(r['grown_chance'] for r in rows):.4f} |")
+                  f"| {grown(rows)} |")
     plot_nodes(measured, figure)
     print(f"\nfigure: {figure}")
 
@@ -167,9 +174,10 @@ def plot_nodes(measured: dict[str, list[dict]], figure: Path) -> None:
         ax.set_title(measured[names[0]][0]["nodes"][level]["level"])
         ax.set_ylim(0, 1.05)
     np.atleast_1d(axes)[0].set_ylabel("Jaccard of live nodes")
-    np.atleast_1d(axes)[0].legend(fontsize=7, loc="lower left")
+    handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=2, fontsize=8)
     figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     fig.savefig(figure, dpi=110)
     plt.close(fig)
 

@@ -45,3 +45,53 @@ def test_one_seed_has_no_interval(tmp_path):
     assert "(1 seed, no CI)" in report().table(report().read(tmp_path))
     with pytest.raises(SystemExit):
         report().main(tmp_path / "empty", tmp_path / "x.png")
+
+
+def test_compressed_runs_pair_with_set_and_static_at_their_budget(tmp_path):
+    module = report()
+    assert module.references("synthesis-c0.002") == {"random-c0.002": "SET at the budget",
+                                                     "static-final-0.002": "static at the budget"}
+    assert module.references("static-final-0.01")["random-c0.01"] == "SET at the budget"
+    assert module.references("synthesis-full") == module.REFERENCES
+    for seed, (ours, theirs) in enumerate([(0.80, 0.78), (0.82, 0.79)]):
+        write_run(tmp_path, f"synthesis-c0.01-s{seed}", [(ours, 0.7)])
+        write_run(tmp_path, f"static-final-0.01-s{seed}", [(theirs, 0.7)])
+    table = module.table(module.read(tmp_path))
+    assert "paired vs static at the budget" in table
+    row = next(line for line in table.splitlines() if line.startswith("| synthesis-c0.01 "))
+    assert row.endswith("| — | 2.50 ± 6.35 |")  # +2 and +3 points over two seeds, t-interval
+
+
+def similarity_power():
+    spec = importlib.util.spec_from_file_location(
+        "similarity_power_report", ROOT / "experiments" / "similarity_power_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_similarity_power_measures_on_a_hand_made_wiring():
+    import torch
+
+    from synthprune.wiring import Structure
+
+    module = similarity_power()
+    widths = [4, 3, 2]
+
+    def structure(first, second):
+        return Structure("s", widths, [torch.tensor(first), torch.tensor(second)], [True, False])
+
+    initial = structure([0, 1, 5, 6], [0, 1, 2, 3, 4, 5])
+    a = structure([0, 1, 5, 9], [0, 1, 2, 3, 4, 5])  # keeps 0, 1, 5 of the initial, grows 9
+    b = structure([0, 1, 6, 10], [0, 1, 2, 3, 4, 5])  # keeps 0, 1, 6, grows 10
+    measures = module.pair_measures(a, b, initial)
+    layer = measures["layers"][0]
+    assert layer["edge_jaccard"] == pytest.approx(2 / 6)
+    assert layer["initial_share"] == pytest.approx(6 / 8)
+    # at best the grown connections coincide: 2 shared initial + 1 grown over a union of 5
+    assert layer["ceiling"] == pytest.approx(3 / 5)
+    assert layer["grown_jaccard"] == 0.0
+    assert layer["grown_chance"] == pytest.approx(module.chance_jaccard(1, 1, 12 - 4))
+    pixels = measures["nodes"][0]  # a reads inputs {0, 1}, b reads {0, 1, 2}
+    assert pixels["level"] == "pixels" and pixels["jaccard"] == pytest.approx(2 / 3)
+    assert module.chance_jaccard(10, 10, 10) == 1.0 and module.chance_jaccard(0, 0, 10) == 1.0
