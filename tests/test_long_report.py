@@ -95,3 +95,14 @@ def test_similarity_power_measures_on_a_hand_made_wiring():
     pixels = measures["nodes"][0]  # a reads inputs {0, 1}, b reads {0, 1, 2}
     assert pixels["level"] == "pixels" and pixels["jaccard"] == pytest.approx(2 / 3)
     assert module.chance_jaccard(10, 10, 10) == 1.0 and module.chance_jaccard(0, 0, 10) == 1.0
+
+
+def test_a_compressing_run_is_chosen_at_its_budget(tmp_path):
+    # Bug: the best validation epoch of gradual pruning from dense came long before the run
+    # reached its budget, so the table scored a network with 20x the connections.
+    (tmp_path / "gmp-c0.01-s0").mkdir()
+    (tmp_path / "gmp-c0.01-s0" / "metrics.csv").write_text(
+        "epoch,test_accuracy,validation_accuracy,connections\n"
+        "1,0.89,0.90,800000\n2,0.86,0.85,37840\n3,0.87,0.86,37840\n")
+    module = report()
+    assert module.chosen(module.read(tmp_path)["gmp-c0.01"][0]) == pytest.approx(0.87)
