@@ -106,3 +106,18 @@ def test_a_compressing_run_is_chosen_at_its_budget(tmp_path):
         "1,0.89,0.90,800000\n2,0.86,0.85,37840\n3,0.87,0.86,37840\n")
     module = report()
     assert module.chosen(module.read(tmp_path)["gmp-c0.01"][0]) == pytest.approx(0.87)
+
+
+def test_the_tuning_report_chooses_each_rule_on_validation(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("tuning_report", ROOT / "experiments" / "tuning_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    base, tuning = tmp_path / "base", tmp_path / "tuning"
+    write_run(base, "random-full-s0", [(0.88, 0.890)])
+    write_run(tuning, "random-zeta0.1-s0", [(0.87, 0.895)])  # best on validation, worse on test
+    write_run(tuning, "random-zeta0.5-s0", [(0.90, 0.880)])  # best on test: never chosen
+    module.main(tuning, base)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| SET")]
+    chosen = [line for line in rows if "**yes**" in line]
+    assert len(chosen) == 1 and "| zeta0.1 |" in chosen[0]
+    assert any("settings not run yet" in line for line in rows)
