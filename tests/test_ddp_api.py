@@ -48,6 +48,7 @@ def _worker(rank: int, world: int, folder: str, bare: bool) -> None:
         result = {"counts": counts, "digests": synchronized_digests(model, optimizer), "error": error}
         with open(f"{folder}/rank{rank}.json", "w") as f:
             json.dump(result, f)
+        dist.barrier()  # neither rank tears gloo down while the other still uses it (an abort, seen once)
     finally:
         dist.destroy_process_group()
 

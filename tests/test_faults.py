@@ -124,7 +124,10 @@ def test_a_nan_in_the_first_epoch_leaves_a_folder_the_next_start_reuses(tmp_path
 
 def test_an_interrupt_in_the_first_epoch_leaves_a_folder_resume_restarts(tmp_path, capsys):
     out = tmp_path / "run"
-    trainer = start([*TRAIN, "--epochs", "3", "--limit-train", "1000", "--batch-size", "1", "--out", str(out)])
+    # Rewiring every 3 steps makes the first epoch last seconds: without it the faster step
+    # finished the epoch (0.3 s) before the interrupt came.
+    trainer = start([*TRAIN, "--epochs", "3", "--limit-train", "1000", "--batch-size", "1", "--rewire-every", "3",
+                     "--out", str(out)])
     wait_for(lambda: (out / "config.yaml").exists())
     time.sleep(0.5)
     trainer.send_signal(signal.SIGINT)
