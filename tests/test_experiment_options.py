@@ -75,6 +75,15 @@ def test_the_model_is_chosen_on_validation_never_on_test():
     assert summary["best_test_accuracy"] == 0.90  # still reported, but not what a model is chosen by
 
 
+def test_a_compressing_run_is_chosen_at_its_budget():
+    # Bug: gradual pruning from dense was "chosen" at a validation peak with 20x its budget.
+    metrics = [{"epoch": 1, "test_accuracy": 0.89, "validation_accuracy": 0.90, "connections": 800, "epoch_seconds": 1},
+               {"epoch": 2, "test_accuracy": 0.86, "validation_accuracy": 0.85, "connections": 40, "epoch_seconds": 1},
+               {"epoch": 3, "test_accuracy": 0.87, "validation_accuracy": 0.86, "connections": 40, "epoch_seconds": 1}]
+    summary = summarize(metrics, SparseMLP([4, 3, 2], epsilon=1, seed=0))
+    assert summary["best_validation_epoch"] == 3 and summary["test_accuracy_at_best_validation"] == 0.87
+
+
 def test_gradual_magnitude_pruning_starts_from_every_connection():
     config = load_config("digits-mlp", density=1.0, grow="none", prune="magnitude", compress_to=0.05,
                          backend="masked", epochs=4)

@@ -104,10 +104,13 @@ def summarize(metrics: list[dict], model: nn.Module) -> dict:
 
 def _chosen_on_validation(metrics: list[dict]) -> dict:
     """With a validation split: the epoch with the best validation accuracy (the first of ties)
-    and its test accuracy -- model selection that never looks at the test set."""
+    and its test accuracy -- model selection that never looks at the test set. Only epochs that
+    end with the final connection count compete: a compressing run delivers a network at its
+    budget, and gradual pruning from dense peaks on validation long before it gets there."""
     if "validation_accuracy" not in metrics[-1]:
         return {}
-    best = max(metrics, key=lambda row: row["validation_accuracy"])
+    final = metrics[-1].get("connections")
+    best = max((row for row in metrics if row.get("connections") == final), key=lambda row: row["validation_accuracy"])
     return {"best_validation_accuracy": best["validation_accuracy"], "best_validation_epoch": int(best["epoch"]),
             "test_accuracy_at_best_validation": best["test_accuracy"]}
 
