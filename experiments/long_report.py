@@ -108,6 +108,44 @@ def curves(runs: dict[str, dict[int, list[dict]]], figure: Path) -> None:
     plt.close(fig)
 
 
+def residual_connections(record: Path) -> int | None:
+    """Connections of the residual network of a record's final wiring (``None`` without one)."""
+    from synthprune.wiring import load_snapshot
+
+    wiring = record / "wiring.safetensors"
+    return sum(int(k.numel()) for k in load_snapshot(wiring).residual().keys) if wiring.is_file() else None
+
+
+def accuracy_vs_size(folder: Path, runs: dict[str, dict[int, list[dict]]], figure: Path) -> None:
+    """Test accuracy at the chosen epoch (mean and 95% t-interval over seeds) against the
+    residual network's connections, one line per rule across the budgets."""
+    rules: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    for name, seeds in runs.items():
+        sizes = [residual_connections(folder / f"{name}-s{seed}") for seed in seeds]
+        if None in sizes:
+            continue
+        scores = [100 * chosen(rows) for rows in seeds.values()]
+        half = (stats.t.ppf(0.975, len(scores) - 1) * statistics.stdev(scores) / len(scores) ** 0.5
+                if len(scores) > 1 else 0.0)
+        found = BUDGET.search(name)
+        rule = name[:found.start()] if found and found["budget"] else "static-final" if found else name
+        rules[rule].append((statistics.fmean(sizes), statistics.fmean(scores), half))
+    if not rules:
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for rule, points in sorted(rules.items()):
+        points.sort()
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
+                    capsize=3, label=rule)
+    ax.set(xscale="log", xlabel="residual connections (dense output layer included)",
+           ylabel="test accuracy at best validation (%)", title="Accuracy against size (95% CI over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(figure, dpi=110)
+    plt.close(fig)
+
+
 def main(folder: Path, figure: Path) -> None:
     runs = read(folder)
     if not runs:
@@ -115,6 +153,10 @@ def main(folder: Path, figure: Path) -> None:
     print(table(runs))
     curves(runs, figure)
     print(f"\nlearning curves: {figure}")
+    if any(BUDGET.search(name) for name in runs):
+        sized = figure.with_name(figure.stem + "_size" + figure.suffix)
+        accuracy_vs_size(folder, runs, sized)
+        print(f"accuracy against size: {sized}")
 
 
 if __name__ == "__main__":
