@@ -121,3 +121,21 @@ def test_the_tuning_report_chooses_each_rule_on_validation(tmp_path, capsys):
     chosen = [line for line in rows if "**yes**" in line]
     assert len(chosen) == 1 and "| zeta0.1 |" in chosen[0]
     assert any("settings not run yet" in line for line in rows)
+
+
+def test_connectivity_counts_each_pixels_first_layer_connections(tmp_path):
+    import torch
+
+    import synthprune
+    from synthprune.wiring import save_snapshot
+
+    spec = importlib.util.spec_from_file_location("connectivity_report",
+                                                  ROOT / "experiments" / "connectivity_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = synthprune.SparseMLP([784, 20, 10], epsilon=5, seed=0)
+    save_snapshot(model, tmp_path / "wiring.safetensors", epoch=1)
+    grid = module.degrees(tmp_path)
+    assert grid.shape == (28, 28)
+    expected = torch.bincount(model.fc1.edge_index()[1], minlength=784).reshape(28, 28).numpy()
+    assert (grid == expected).all() and grid.sum() == model.fc1.nnz
