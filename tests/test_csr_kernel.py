@@ -42,7 +42,7 @@ def test_kernels_equal_dense_algebra(n_in, n_out, density, batch, seed, dtype, w
     weight = sparse.to_dense().weight.detach()  # [n_out, n_in]
     index = torch.long if wide_index else torch.int32
     crow, col = sparse._crow.to(index), sparse._col.to(index)
-    t_crow, t_col = sparse._t_crow.to(index), sparse._t_col.to(index)
+    t_crow, t_col, t_perm = sparse._t_crow.to(index), sparse._t_col.to(index), sparse._t_perm.to(index)
     values, bias = sparse.values.detach(), sparse.bias.detach()
     gen = torch.Generator().manual_seed(seed + 1)
     x_t = torch.randn(n_in, batch, generator=gen, dtype=dtype)
@@ -51,16 +51,16 @@ def test_kernels_equal_dense_algebra(n_in, n_out, density, batch, seed, dtype, w
 
     torch.testing.assert_close(ops.csr_spmm(crow, col, values, None, x_t, bias), weight @ x_t + bias[:, None], **tol)
     torch.testing.assert_close(ops.csr_spmm(crow, col, values, None, x_t, None), weight @ x_t, **tol)
-    torch.testing.assert_close(ops.csr_spmm(t_crow, t_col, values, sparse._t_perm, g_t, None), weight.t() @ g_t,
+    torch.testing.assert_close(ops.csr_spmm(t_crow, t_col, values, t_perm, g_t, None), weight.t() @ g_t,
                                **tol)
     value_grads = (g_t @ x_t.t()).reshape(-1)[sparse.keys()]
-    fused_x, fused_values, fused_bias = ops.csr_backward(t_crow, t_col, sparse._t_perm, values, g_t, x_t, True)
+    fused_x, fused_values, fused_bias = ops.csr_backward(t_crow, t_col, t_perm, values, g_t, x_t, True)
     torch.testing.assert_close(fused_x, weight.t() @ g_t, **tol)
     torch.testing.assert_close(fused_values, value_grads, **tol)
     torch.testing.assert_close(fused_bias, g_t.sum(1), **tol)
-    assert ops.csr_backward(t_crow, t_col, sparse._t_perm, values, g_t, x_t, False)[2].numel() == 0
+    assert ops.csr_backward(t_crow, t_col, t_perm, values, g_t, x_t, False)[2].numel() == 0
     # Without the input gradient (a first layer): the value gradient alone, no input gradient.
-    no_x, alone_values, alone_bias = ops.csr_backward(t_crow, t_col, sparse._t_perm, values, g_t, x_t, True, False)
+    no_x, alone_values, alone_bias = ops.csr_backward(t_crow, t_col, t_perm, values, g_t, x_t, True, False)
     assert no_x.numel() == 0
     torch.testing.assert_close(alone_values, value_grads, **tol)
     torch.testing.assert_close(alone_bias, g_t.sum(1), **tol)

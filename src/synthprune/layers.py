@@ -435,9 +435,10 @@ class CSRLinear(SparseLinear):
         self._crow, self._col = self.crow_indices.to(index_dtype), self.col_indices.to(index_dtype)
         # The transpose Wᵀ (CSC order of W): permutation from CSR order, and its CSR indices.
         # Rows are sorted, so a stable sort by column gives (column, row) order.
-        self._t_perm = torch.sort(self.col_indices, stable=True).indices
-        self._t_col = rows[self._t_perm].to(index_dtype)
-        self._t_crow = _crow_from_sorted_rows(self.col_indices[self._t_perm], self.in_features).to(index_dtype)
+        perm = torch.sort(self.col_indices, stable=True).indices
+        self._t_col = rows[perm].to(index_dtype)
+        self._t_crow = _crow_from_sorted_rows(self.col_indices[perm], self.in_features).to(index_dtype)
+        self._t_perm = perm.to(index_dtype)  # 32-bit too: the backward reads it once per connection
 
     def keys(self) -> torch.Tensor:
         return self._rows * self.in_features + self.col_indices

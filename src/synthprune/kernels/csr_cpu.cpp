@@ -171,7 +171,7 @@ inline uint32_t dropout_threshold(double p) {
 // x: [n_in, batch], y: [n_rows, batch], both row-major (batch-minor).
 template <typename T, typename I>
 void spmm_kernel(const I* __restrict__ crow, const I* __restrict__ col, const T* __restrict__ values,
-                 const int64_t* __restrict__ perm, const T* __restrict__ x, const T* __restrict__ bias,
+                 const I* __restrict__ perm, const T* __restrict__ x, const T* __restrict__ bias,
                  T* __restrict__ y, int64_t n_rows, int64_t batch, const Epilogue<T>& epilogue = {}) {
   using R = Reg<T>;
   constexpr int64_t W = kBlockRegs * R::lanes;  // batch values per block
@@ -254,7 +254,7 @@ inline void reduce_lanes(const typename Reg<T>::type* parts, int64_t n, T* sums)
 // (2.5x its limit against 1.5x for the whole fused backward, AVX-512, one thread). Threads
 // split the columns: each writes its own rows of grad_x and its own connections of out.
 template <typename T, typename I, bool WithInput>
-void backward_kernel(const I* __restrict__ t_crow, const I* __restrict__ t_col, const int64_t* __restrict__ t_perm,
+void backward_kernel(const I* __restrict__ t_crow, const I* __restrict__ t_col, const I* __restrict__ t_perm,
                      const T* __restrict__ values, const T* __restrict__ grad, const T* __restrict__ x,
                      T* __restrict__ grad_x, T* __restrict__ out, int64_t n_cols, int64_t batch) {
   using R = Reg<T>;
@@ -425,7 +425,8 @@ at::Tensor csr_spmm(const at::Tensor& crow, const at::Tensor& col, const at::Ten
   check_index(crow, col);
   check_dense(x_t, values, "x_t");
   TORCH_CHECK(values.is_contiguous(), "values must be contiguous");
-  TORCH_CHECK(!perm || (perm->scalar_type() == at::kLong && perm->is_contiguous()), "perm must be contiguous int64");
+  TORCH_CHECK(!perm || (perm->scalar_type() == crow.scalar_type() && perm->is_contiguous()),
+              "perm must be contiguous, of the indices' dtype");
   TORCH_CHECK(!bias || (bias->scalar_type() == values.scalar_type() && bias->is_contiguous()),
               "bias must be contiguous, of the values' dtype");
   const int64_t n_rows = crow.size(0) - 1, batch = x_t.size(1);
@@ -434,7 +435,7 @@ at::Tensor csr_spmm(const at::Tensor& crow, const at::Tensor& col, const at::Ten
     dispatch_index(crow, [&](auto index) {
       using I = decltype(index);
       spmm_kernel<scalar_t, I>(crow.data_ptr<I>(), col.data_ptr<I>(), values.data_ptr<scalar_t>(),
-                               perm ? perm->data_ptr<int64_t>() : nullptr, x_t.data_ptr<scalar_t>(),
+                               perm ? perm->data_ptr<I>() : nullptr, x_t.data_ptr<scalar_t>(),
                                bias ? bias->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), n_rows,
                                batch);
     });
@@ -502,7 +503,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_backward(const at::Tensor& t_
   check_dense(x_t, grad_t, "x_t");
   TORCH_CHECK(values.is_contiguous() && values.scalar_type() == x_t.scalar_type(),
               "values must be contiguous, of x_t's dtype");
-  TORCH_CHECK(t_perm.scalar_type() == at::kLong && t_perm.is_contiguous(), "t_perm must be contiguous int64");
+  TORCH_CHECK(t_perm.scalar_type() == t_crow.scalar_type() && t_perm.is_contiguous(),
+              "t_perm must be contiguous, of the indices' dtype");
   TORCH_CHECK(grad_t.size(1) == x_t.size(1), "grad_t and x_t must have the same batch");
   const int64_t n_cols = t_crow.size(0) - 1, batch = x_t.size(1);
   TORCH_CHECK(x_t.size(0) == n_cols, "x_t must have one row per input");
@@ -514,7 +516,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_backward(const at::Tensor& t_
     dispatch_index(t_crow, [&](auto index) {
       using I = decltype(index);
       auto run = [&](auto kernel) {
-        kernel(t_crow.data_ptr<I>(), t_col.data_ptr<I>(), t_perm.data_ptr<int64_t>(), values.data_ptr<scalar_t>(),
+        kernel(t_crow.data_ptr<I>(), t_col.data_ptr<I>(), t_perm.data_ptr<I>(), values.data_ptr<scalar_t>(),
                grad_t.data_ptr<scalar_t>(), x_t.data_ptr<scalar_t>(), with_input ? grad_x.data_ptr<scalar_t>() : nullptr,
                out.data_ptr<scalar_t>(), n_cols, batch);
       };
