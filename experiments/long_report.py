@@ -25,6 +25,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from scipy import stats
 
+from synthprune.runs import chosen_epoch
+
 REFERENCES = {"random-full": "SET", "none-full": "static"}
 # Compressed runs (long_compression.yaml) are compared at their own budget: against SET
 # compressed to it, and against static sparse trained at that budget from the start.
@@ -52,13 +54,10 @@ def read(folder: Path) -> dict[str, dict[int, list[dict]]]:
 
 
 def chosen(rows: list[dict]) -> float:
-    """Test accuracy at the best validation epoch (the first of ties) among the epochs that end
-    with the final network's connection count: a compressing run is scored at its budget, never
-    at an earlier, larger network (gradual pruning from dense peaks on validation at ~800,000
-    connections, long before it reaches 1%)."""
-    final = rows[-1].get("connections")
-    at_budget = [r for r in rows if r.get("connections") == final]
-    return max(at_budget, key=lambda r: r["validation_accuracy"])["test_accuracy"]
+    """Test accuracy at the epoch chosen on validation, among the epochs at the run's final
+    connection count (``synthprune.runs.chosen_epoch``): a compressing run is scored at its
+    budget, never at an earlier, larger network."""
+    return chosen_epoch(rows)["test_accuracy"]
 
 
 def interval(values: list[float]) -> str:

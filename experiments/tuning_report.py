@@ -17,15 +17,16 @@ from pathlib import Path
 
 import yaml
 
+from synthprune.runs import chosen_epoch
+
 RULES = {"random": "SET (random)", "synthesis": "synthesis (cdf)", "synthesis_tail": "synthesis (tail)",
          "gradient": "RigL (gradient)"}
 SPEC = Path(__file__).resolve().parent / "tuning.yaml"
 
 
 def best_epoch(metrics: Path) -> dict:
-    """The row of the best validation accuracy (the first of ties)."""
-    rows = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(metrics.open())]
-    return max(rows, key=lambda r: r["validation_accuracy"])
+    """The row of the epoch the run is chosen at on validation (``synthprune.runs.chosen_epoch``)."""
+    return chosen_epoch([{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(metrics.open())])
 
 
 def main(tuning: Path, base: Path, seed: int = 0) -> None:

@@ -66,10 +66,14 @@ def test_new_weights_and_grace_reach_the_rewirer_from_the_config():
     assert (rewirer.new_weights, rewirer.new_weight_std, rewirer.grace_steps) == ("normal", 0.05, 2)
 
 
+def epochs(*rows: tuple[float, float, int]) -> list[dict]:
+    """Metrics rows from (test accuracy, validation accuracy, connections) per epoch."""
+    return [{"epoch": e, "test_accuracy": test, "validation_accuracy": val, "connections": n, "epoch_seconds": 1}
+            for e, (test, val, n) in enumerate(rows, start=1)]
+
+
 def test_the_model_is_chosen_on_validation_never_on_test():
-    metrics = [{"epoch": 1, "test_accuracy": 0.80, "validation_accuracy": 0.70, "connections": 10, "epoch_seconds": 1},
-               {"epoch": 2, "test_accuracy": 0.90, "validation_accuracy": 0.60, "connections": 10, "epoch_seconds": 1},
-               {"epoch": 3, "test_accuracy": 0.85, "validation_accuracy": 0.70, "connections": 10, "epoch_seconds": 1}]
+    metrics = epochs((0.80, 0.70, 10), (0.90, 0.60, 10), (0.85, 0.70, 10))
     summary = summarize(metrics, SparseMLP([4, 3, 2], epsilon=1, seed=0))
     assert summary["best_validation_epoch"] == 1 and summary["test_accuracy_at_best_validation"] == 0.80
     assert summary["best_test_accuracy"] == 0.90  # still reported, but not what a model is chosen by
@@ -77,9 +81,7 @@ def test_the_model_is_chosen_on_validation_never_on_test():
 
 def test_a_compressing_run_is_chosen_at_its_budget():
     # Bug: gradual pruning from dense was "chosen" at a validation peak with 20x its budget.
-    metrics = [{"epoch": 1, "test_accuracy": 0.89, "validation_accuracy": 0.90, "connections": 800, "epoch_seconds": 1},
-               {"epoch": 2, "test_accuracy": 0.86, "validation_accuracy": 0.85, "connections": 40, "epoch_seconds": 1},
-               {"epoch": 3, "test_accuracy": 0.87, "validation_accuracy": 0.86, "connections": 40, "epoch_seconds": 1}]
+    metrics = epochs((0.89, 0.90, 800), (0.86, 0.85, 40), (0.87, 0.86, 40))
     summary = summarize(metrics, SparseMLP([4, 3, 2], epsilon=1, seed=0))
     assert summary["best_validation_epoch"] == 3 and summary["test_accuracy_at_best_validation"] == 0.87
 

@@ -514,8 +514,8 @@ class CSRLinear(SparseLinear):
         wants_grad = torch.is_grad_enabled() and (
             flat.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
         if not wants_grad:  # inference: the same product without autograd's bookkeeping (~30 µs a call)
-            x_t = _batch_minor(csr_kernel.usable(flat, values), flat)
-            return _csr_forward(csr_kernel.usable(x_t, values), x_t, values, bias, self._crow, self._col,
+            fast = csr_kernel.usable(flat, values)
+            return _csr_forward(fast, _batch_minor(fast, flat), values, bias, self._crow, self._col,
                                 self.out_features, self.in_features)
         return _CSRLinearFunction.apply(
             flat, values, bias, self._crow, self._col,

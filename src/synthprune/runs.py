@@ -25,8 +25,8 @@ from synthprune.residual import layer_edges, live_masks
 from synthprune.rundir import RunDir
 
 __all__ = [
-    "FINAL_FORMAT", "build_model", "configuration_name", "connections", "live_neurons", "load_run_model", "run_name",
-    "summarize", "write_final",
+    "FINAL_FORMAT", "build_model", "chosen_epoch", "configuration_name", "connections", "live_neurons",
+    "load_run_model", "run_name", "summarize", "write_final",
 ]
 
 FINAL_FORMAT = "synthprune-mlp"
@@ -102,15 +102,21 @@ def summarize(metrics: list[dict], model: nn.Module) -> dict:
     }
 
 
+def chosen_epoch(metrics: list[dict]) -> dict:
+    """The metrics row of the epoch a run's model is chosen at: the best validation accuracy
+    (the first of ties), never test. Only epochs that end with the final connection count
+    compete: a compressing run delivers a network at its budget, and gradual pruning from dense
+    peaks on validation long before it gets there. The one rule for run summaries and the
+    experiment reports."""
+    final = metrics[-1].get("connections")
+    return max((row for row in metrics if row.get("connections") == final), key=lambda row: row["validation_accuracy"])
+
+
 def _chosen_on_validation(metrics: list[dict]) -> dict:
-    """With a validation split: the epoch with the best validation accuracy (the first of ties)
-    and its test accuracy -- model selection that never looks at the test set. Only epochs that
-    end with the final connection count compete: a compressing run delivers a network at its
-    budget, and gradual pruning from dense peaks on validation long before it gets there."""
+    """With a validation split: the chosen epoch (:func:`chosen_epoch`) and its test accuracy."""
     if "validation_accuracy" not in metrics[-1]:
         return {}
-    final = metrics[-1].get("connections")
-    best = max((row for row in metrics if row.get("connections") == final), key=lambda row: row["validation_accuracy"])
+    best = chosen_epoch(metrics)
     return {"best_validation_accuracy": best["validation_accuracy"], "best_validation_epoch": int(best["epoch"]),
             "test_accuracy_at_best_validation": best["test_accuracy"]}
 

@@ -63,8 +63,10 @@ inline void prefetch_bytes(const void* p, int64_t bytes) {
 }
 
 // A 32-bit integer hash (Wellons' lowbias32): cheap, vectorisable, and good enough to decide
-// which activations dropout keeps.
-inline uint32_t mix32(uint32_t x) {
+// which activations dropout keeps. U is uint32_t or a vector of them (the same operations, lane
+// by lane), so the scalar and the vector masks are one formula.
+template <typename U>
+inline U mix32(U x) {
   x ^= x >> 16;
   x *= 0x7feb352dU;
   x ^= x >> 15;
@@ -86,12 +88,12 @@ struct Lanes {
   typedef E type __attribute__((vector_size(n * sizeof(E))));
 };
 
-// row[t] *= scale where dropout keeps memory offset offset + t, else *= 0 (what the dropout op
-// computes), a register at a time: the hashes in 32-bit lanes, the factor chosen by a vector
-// select. The scalar loop does not vectorise (the compiler leaves a branch per element, which
-// the random mask mispredicts half the time: 2-6 ns per element).
+// out[t] = in[t] * scale where dropout keeps memory offset offset + t, else in[t] * 0 (in and out
+// may be the same row), a register at a time: the hashes in 32-bit lanes, the factor chosen by
+// a vector select. The scalar loop does not vectorise (the compiler leaves a branch per element,
+// which the random mask mispredicts half the time: 2-6 ns per element).
 template <typename T>
-inline void dropout_row(T* __restrict__ row, int64_t offset, int64_t batch, uint64_t seed, uint32_t threshold,
+inline void dropout_row(const T* in, T* out, int64_t offset, int64_t batch, uint64_t seed, uint32_t threshold,
                         T scale) {
   using R = Reg<T>;
   using V = typename R::type;
@@ -107,14 +109,11 @@ inline void dropout_row(T* __restrict__ row, int64_t offset, int64_t batch, uint
     const int64_t i = offset + t;
     const uint32_t high = static_cast<uint32_t>(i >> 32);
     if (static_cast<uint32_t>((i + L - 1) >> 32) != high) break;  // a 2^32 boundary inside: scalar below
-    U h = (lane + static_cast<uint32_t>(i)) ^ lo;
-    h ^= h >> 16; h *= 0x7feb352dU; h ^= h >> 15; h *= 0x846ca68bU; h ^= h >> 16;
-    h = h ^ hi ^ high;
-    h ^= h >> 16; h *= 0x7feb352dU; h ^= h >> 15; h *= 0x846ca68bU; h ^= h >> 16;
+    const U h = mix32(mix32((lane + static_cast<uint32_t>(i)) ^ lo) ^ hi ^ high);  // keep()'s hash, lane by lane
     const M kept = __builtin_convertvector(h >= threshold, M);
-    R::store(row + t, R::load(row + t) * (kept ? factor : zero));
+    R::store(out + t, R::load(in + t) * (kept ? factor : zero));
   }
-  for (; t < batch; ++t) row[t] = row[t] * (static_cast<T>(keep(offset + t, seed, threshold)) * scale);
+  for (; t < batch; ++t) out[t] = in[t] * (static_cast<T>(keep(offset + t, seed, threshold)) * scale);
 }
 
 // Sum of n values, in vector registers (four independent chains): a scalar sum is one chain of
@@ -157,7 +156,7 @@ struct Epilogue {
       R::store(row + t, v < typename R::type{} ? typename R::type{} : v);  // NaN stays NaN, as in torch.relu
     }
     for (; t < batch; ++t) row[t] = row[t] < T(0) ? T(0) : row[t];
-    if (dropout) dropout_row(row, offset, batch, seed, threshold, scale);
+    if (dropout) dropout_row(row, row, offset, batch, seed, threshold, scale);
   }
 };
 
@@ -368,8 +367,7 @@ template <typename T>
 void dropout_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t n, uint64_t seed, uint32_t threshold,
                     T scale) {
   at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) y[i] = x[i];
-    dropout_row(y + begin, begin, end - begin, seed, threshold, scale);
+    dropout_row(x + begin, y + begin, begin, end - begin, seed, threshold, scale);
   });
 }
 
