@@ -305,3 +305,56 @@ def test_batch_minor_is_the_transpose(batch, n, dtype):
     ops = fast_ops()
     x = torch.randn(batch, n, dtype=dtype)
     assert torch.equal(ops.batch_minor(x), x.t().contiguous())
+
+
+@given(n_in=st.integers(0, 70), n_out=st.integers(0, 40), batch=st.sampled_from([0, 1, 3, 16, 31, 65, 130]),
+       seed=st.integers(0, 10_000), dtype=st.sampled_from([torch.float32, torch.float64]),
+       bias=st.booleans(), wants=st.tuples(st.booleans(), st.booleans(), st.booleans()))
+def test_narrow_linear_equals_dense_algebra(n_in, n_out, batch, seed, dtype, bias, wants):
+    # The narrow dense layer's kernels at every output count (blocks of 1-8, padded or not),
+    # batch (register blocks and the scalar tail) and dtype: y = x Wᵀ + b row-major, and the
+    # input gradient batch-minor, the weight and bias gradients, each only when asked.
+    ops = fast_ops()
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n_out, n_in, generator=gen, dtype=dtype)
+    b = torch.randn(n_out, generator=gen, dtype=dtype) if bias else None
+    x_t = torch.randn(n_in, batch, generator=gen, dtype=dtype)
+    grad = torch.randn(batch, n_out, generator=gen, dtype=dtype)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-12, "rtol": 1e-12}
+    y = ops.narrow_linear(weight, x_t, b)
+    assert y.shape == (batch, n_out) and y.is_contiguous()
+    torch.testing.assert_close(y, x_t.t() @ weight.t() + (b if bias else 0), **tol)
+    grad_x, grad_w, grad_b = ops.narrow_linear_backward(weight, grad, x_t, *wants)
+    if wants[0]:
+        torch.testing.assert_close(grad_x, (grad @ weight).t(), **tol)
+    if wants[1]:
+        torch.testing.assert_close(grad_w, grad.t() @ x_t.t(), **tol)
+    if wants[2]:
+        torch.testing.assert_close(grad_b, grad.sum(0), **tol)
+    assert [t.numel() == 0 for t in (grad_x, grad_w, grad_b)] == [not w or n == 0 for w, n in zip(
+        wants, (n_in * batch, n_out * n_in, n_out), strict=True)]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_dense_output_layer_takes_the_narrow_kernel_on_batch_minor_inputs(bias):
+    # DenseLinear after a csr layer: the kernel's path, the same results as nn.Linear to float
+    # rounding, row-major logits, and an input gradient in the layout the csr layer before wants.
+    fast_ops()
+    from synthprune.layers import DenseLinear
+
+    torch.manual_seed(0)
+    dense = DenseLinear(50, 10, bias=bias).double()
+    x = torch.randn(50, 33, dtype=torch.float64).t().requires_grad_()  # the csr layers' layout
+    assert dense._narrow_kernel(x) is not None
+    y = dense(x)
+    assert y.is_contiguous() and type(y.grad_fn).__name__.startswith("_NarrowLinear")
+    with csr_kernel.forced("torch"):
+        reference = dense(x)
+    torch.testing.assert_close(y, reference)
+    assert torch.autograd.gradcheck(lambda x, *p: dense(x), (x, *dense.parameters()))
+    y.sum().backward()
+    assert x.grad.stride() == (1, 33)  # batch-minor: the csr layer's backward copies nothing
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), reference)
+    wide = DenseLinear(50, 40).double()  # wider layers stay with MKL
+    assert wide._narrow_kernel(x) is None

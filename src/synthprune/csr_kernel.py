@@ -2,8 +2,10 @@
 ``torch.utils.cpp_extension`` and loaded as the ops ``torch.ops.synthprune.csr_spmm`` (forward and
 input gradient), ``csr_backward`` (value gradient, with the input gradient in the same pass
 when asked) and ``csr_spmm_relu`` / ``relu_dropout_backward`` (a layer with the ReLU and dropout
-after it fused in), with ``torch.sparse`` as the fallback. The same library holds the dropout that
-``SparseMLP`` and ``SparseCNN`` use (``layers.Dropout``; ``nn.Dropout`` where it is not built).
+after it fused in), with ``torch.sparse`` as the fallback. ``narrow_linear`` and its backward
+serve a narrow dense output layer after csr layers (``layers.DenseLinear``). The same library
+holds the dropout that ``SparseMLP`` and ``SparseCNN`` use (``layers.Dropout``; ``nn.Dropout``
+where it is not built).
 
 Which path is used: ``SYNTHPRUNE_CSR_KERNEL`` = ``auto`` (default: the kernel where it builds,
 else ``torch.sparse``), ``fast`` (the kernel or an error) or ``torch`` (always ``torch.sparse``).
@@ -154,6 +156,16 @@ def _register_fakes() -> None:
     @register("synthprune::dropout")
     def _dropout(x, p, seed):
         return torch.empty_like(x)
+
+    @register("synthprune::narrow_linear")
+    def _narrow(weight, x_t, bias):
+        return x_t.new_empty(x_t.shape[1], weight.shape[0])
+
+    @register("synthprune::narrow_linear_backward")
+    def _narrow_backward(weight, grad, x_t, with_input, with_weight, with_bias):
+        return (x_t.new_empty(x_t.shape if with_input else (0, x_t.shape[1])),
+                weight.new_empty(weight.shape if with_weight else (0, weight.shape[1])),
+                weight.new_empty(weight.shape[0] if with_bias else 0))
 
     @register("synthprune::csr_backward")
     def _backward(t_crow, t_col, t_perm, values, grad_t, x_t, with_bias, with_input=True):

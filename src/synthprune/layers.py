@@ -260,15 +260,61 @@ class DenseLinear(nn.Linear):
     transposed layout the csr backend produces: a ``[B, n]`` view of a contiguous ``[n, B]``.
     On such inputs ``F.linear`` takes a CPU path ~6× slower than ``(W xᵀ)ᵀ`` (measured here,
     1000 → 10 at batch 128: 254 µs against 40 µs), so the reference MLP's dense output layer
-    cost more than its sparse layers. Row-major inputs take ``F.linear`` as before."""
+    cost more than its sparse layers. A narrow layer (at most :data:`NARROW_OUTPUTS` outputs)
+    takes the fast kernel's ``narrow_linear`` where it applies, which returns a row-major
+    ``[B, n_out]`` (the layout the loss reads fastest) and the input gradient batch-minor.
+    Row-major inputs take ``F.linear`` as before."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.shape[0] > 1 and x.stride(0) == 1 and x.stride(1) == x.shape[0]:
             x_t = x.t()  # [n_in, B], contiguous
+            fast = self._narrow_kernel(x)
+            if fast is not None:
+                if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
+                                                     or (self.bias is not None and self.bias.requires_grad))):
+                    return fast.narrow_linear(self.weight, x_t, self.bias)
+                return _NarrowLinearFunction.apply(x_t, self.weight, self.bias, fast)
             if self.bias is None:
                 return torch.mm(self.weight, x_t).t()
             return torch.addmm(self.bias.unsqueeze(1), self.weight, x_t).t()
         return F.linear(x, self.weight, self.bias)
+
+    def _narrow_kernel(self, x: torch.Tensor):
+        """The fast kernel's ops if ``narrow_linear`` applies to ``x`` (a batch-minor view),
+        else ``None``: few outputs, one dtype, no autocast, no tracing or export."""
+        weight = self.weight
+        if (self.out_features > NARROW_OUTPUTS or x.dtype != weight.dtype or not weight.is_contiguous()
+                or (self.bias is not None and (self.bias.dtype != weight.dtype or not self.bias.is_contiguous()))
+                or _exporting() or torch.jit.is_tracing() or _autocast_dtype(x.device.type) is not None):
+            return None
+        return csr_kernel.usable(x, weight)
+
+
+# Output counts up to which DenseLinear takes the kernel's narrow_linear on batch-minor inputs:
+# its register blocks are for a few outputs (measured at 10: 18 against 91 µs forward); wider
+# layers are MKL's strength.
+NARROW_OUTPUTS = 32
+
+
+class _NarrowLinearFunction(torch.autograd.Function):
+    """``x Wᵀ + b`` of :class:`DenseLinear` from ``x_t`` ``[n_in, B]`` (contiguous), as a
+    row-major ``[B, n_out]``; the backward gives the input gradient ``[n_in, B]``, which
+    autograd hands to the csr layer before as the batch-minor view it wants."""
+
+    @staticmethod
+    def forward(ctx, x_t, weight, bias, fast):
+        ctx.save_for_backward(x_t, weight)
+        ctx.fast, ctx.has_bias = fast, bias is not None
+        return fast.narrow_linear(weight, x_t, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_t, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_x, grad_w, grad_b = ctx.fast.narrow_linear_backward(
+            weight, grad.contiguous(), x_t, bool(needs[0]), bool(needs[1]), bool(needs[2] and ctx.has_bias))
+        return (grad_x if needs[0] else None, grad_w if needs[1] else None,
+                grad_b if needs[2] and ctx.has_bias else None, None)
 
 
 class _CSRLinearFunction(torch.autograd.Function):
