@@ -2,9 +2,12 @@
 
 Every comparison runs its contenders in one process, on the same inputs, alternating them
 round by round, and reports medians -- so a noisy, shared machine slows all sides alike and the
-*ratios* stay meaningful. Timings use random inputs of the reference shapes (the values do not
-change the work), so no dataset is needed. Peak memory is measured per contender in a fresh
-process (the operating system's peak resident size), since allocations are not returned to it.
+*ratios* stay meaningful. With one thread (``--threads 1``) the times are the thread's CPU
+time, so time the machine gives to other processes does not count; otherwise wall time. The
+limit line's dense GEMM alternates with the training steps it is compared with. Timings use
+random inputs of the reference shapes (the values do not change the work), so no dataset is
+needed. Peak memory is measured per contender in a fresh process (the operating system's peak
+resident size), since allocations are not returned to it.
 """
 
 from __future__ import annotations
@@ -72,26 +75,32 @@ def _train_step(model, optimizer, x, y) -> None:
     optimizer.step()
 
 
+def _clock() -> Callable[[], float]:
+    """CPU seconds of this thread when torch computes on one thread (time the machine gave to
+    other processes does not count), else wall seconds (CPU time would add up the threads)."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
 def _alternate(contenders: dict[str, Callable[[], None]], rounds: int, repeat: int) -> dict[str, float]:
     """Median seconds per call of each contender, the contenders alternating round by round."""
     for fn in contenders.values():  # warm-up: first-call allocations, caches
         fn()
+    clock = _clock()
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, fn in contenders.items():
-            start = time.perf_counter()
+            start = clock()
             for _ in range(repeat):
                 fn()
-            samples[name].append((time.perf_counter() - start) / repeat)
+            samples[name].append((clock() - start) / repeat)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def gemm_rate(n: int = 1000, batch: int = 128, rounds: int = 5) -> float:
-    """Multiply-adds per second of a dense ``[n, n] × [n, batch]`` product in this process, at
-    this process's thread count: the machine's practical limit for the layers' arithmetic."""
+def _gemm(n: int, batch: int) -> tuple[Callable[[], None], int]:
+    """(a dense ``[n, n] × [n, batch]`` product, its multiply-adds): the machine's practical
+    rate for the layers' arithmetic at this process's thread count."""
     a, b = torch.randn(n, n), torch.randn(n, batch)
-    seconds = _alternate({"mm": lambda: torch.mm(a, b)}, rounds, 20)["mm"]
-    return n * n * batch / seconds
+    return (lambda: torch.mm(a, b)), n * n * batch
 
 
 def bench_training(s: BenchSettings, log: Callable[[str], None]) -> dict:
@@ -100,11 +109,13 @@ def bench_training(s: BenchSettings, log: Callable[[str], None]) -> dict:
     x = torch.randn(s.batch, s.sizes[0], generator=generator)
     y = torch.randint(0, s.sizes[-1], (s.batch,), generator=generator)
     result = {}
-    rate = gemm_rate(s.sizes[1] if len(s.sizes) > 2 else s.sizes[0], s.batch)
     fast = csr_kernel.ops() is not None
+    # The limit's GEMM alternates with the steps, so that both see the same machine: on a shared
+    # host the rate drifts by tens of percent between minutes.
+    product, work = _gemm(s.sizes[1] if len(s.sizes) > 2 else s.sizes[0], s.batch)
     for epsilon in s.epsilons:
         log(f"training step, ε = {epsilon:g}: dense vs masked vs csr")
-        contenders, sizes = {}, {}
+        contenders, sizes = {"gemm": product}, {}
         for backend in ("dense", "masked", "csr"):
             model = _mlp(s.sizes, backend, epsilon)
             optimizer = sgd(model.parameters(), lr=0.01, momentum=0.9)
@@ -113,6 +124,7 @@ def bench_training(s: BenchSettings, log: Callable[[str], None]) -> dict:
         if fast:  # the same csr model on the torch.sparse path, to show what the kernel gains
             contenders["csr_torch_sparse"] = lambda step=contenders["csr"]: _on_torch_sparse(step)
         seconds = _alternate(contenders, s.rounds, s.timed_batches)
+        rate = work / seconds.pop("gemm")
         limit = 3 * sizes["csr"] * s.batch / rate
         result[f"eps{epsilon:g}"] = {
             "epsilon": epsilon, "connections": sizes,
