@@ -14,7 +14,10 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+
 from synthprune.compact import is_mlp
+from synthprune.files import load_safetensors
 from synthprune.rundir import RunDir
 from synthprune.runs import load_run_model
 from synthprune.wiring import save_snapshot
@@ -33,11 +36,24 @@ def collect(folder: Path, target: Path) -> list[str]:
         shutil.copyfile(run / "final" / "config.json", out / "final.json")
         model, config = load_run_model(run)
         if config.sparse and is_mlp(model):
-            save_snapshot(model, out / "wiring.safetensors", epoch=config.epochs)
+            save_wiring(model, out / "wiring.safetensors", epoch=config.epochs)
         done.append(run.name)
     if (folder / "sweep.csv").is_file():
         merge_sweep_rows(folder / "sweep.csv", target / "sweep.csv")
     return done
+
+
+def save_wiring(model, path: Path, epoch: int) -> None:
+    """The final wiring as a snapshot, left untouched where the file already holds the same
+    wiring (files written before the metadata order was fixed differ in bytes only)."""
+    fresh = path.with_name(path.name + ".new")
+    save_snapshot(model, fresh, epoch=epoch)
+    if path.is_file():
+        (old, old_meta), (new, new_meta) = (load_safetensors(p, "collect it again") for p in (path, fresh))
+        if old_meta == new_meta and old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old):
+            fresh.unlink()
+            return
+    fresh.replace(path)
 
 
 def merge_sweep_rows(source: Path, target: Path) -> None:

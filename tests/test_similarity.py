@@ -126,3 +126,19 @@ def _hidden(tmp_path):
     path = tmp_path / "hidden.yaml"
     path.write_text("hidden: [64, 32]\n")
     return path
+
+
+def test_a_snapshot_is_the_same_bytes_whichever_process_writes_it(tmp_path):
+    # safetensors writes its metadata in a per-process random order; collecting unchanged run
+    # records again rewrote every wiring file. Three processes, one wiring: one file content.
+    import subprocess
+    import sys
+
+    script = ("import sys, torch; from synthprune import SparseMLP; from synthprune.compare import save_snapshot; "
+              "save_snapshot(SparseMLP([12, 9, 4], epsilon=2, seed=0), sys.argv[1], epoch=3)")
+    paths = [tmp_path / f"w{i}.safetensors" for i in range(3)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True)
+    assert len({path.read_bytes() for path in paths}) == 1
+    loaded = load_snapshot(paths[0])
+    assert loaded.widths == [12, 9, 4]

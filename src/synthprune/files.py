@@ -194,6 +194,24 @@ def read_json(path: str | Path, todo: str) -> dict:
     return content
 
 
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """``safetensors.torch.save``, but the same bytes for the same tensors and metadata: the
+    library writes the metadata in an order that changes from process to process (a Rust
+    ``HashMap``), so re-saving an unchanged record (a run's final wiring) used to change the
+    file. The header is rewritten with the metadata sorted, padded to 8 bytes as the format
+    wants; the tensors' bytes and offsets are untouched."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + length:]
+
+
 def load_safetensors(path: str | Path, todo: str, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata) of a safetensors file."""
     from safetensors import SafetensorError, safe_open

@@ -27,11 +27,10 @@ from itertools import pairwise
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from synthprune.compact import ResidualSummary, build_from_spec, compact_sequential, is_mlp, module_spec, weight_shapes
-from synthprune.files import FileFormatError, atomic_write, load_safetensors, read_json
+from synthprune.files import FileFormatError, atomic_write, load_safetensors, read_json, safetensors_bytes
 from synthprune.layers import CSRLinear, DenseLinear, SparseLinear
 from synthprune.models import ACTIVATIONS, unwrapped
 

@@ -14,11 +14,10 @@ import json
 import math
 from pathlib import Path
 
-from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from synthprune.config import TrainConfig, config_from_file
-from synthprune.files import FileFormatError, atomic_write, load_safetensors, read_json
+from synthprune.files import FileFormatError, atomic_write, load_safetensors, read_json, safetensors_bytes
 from synthprune.layers import SparseLayer, SparseLinear
 from synthprune.models import SparseCNN, SparseMLP, linear_layers, weight_layers, weight_slots
 from synthprune.residual import layer_edges, live_masks

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from synthprune.files import FileFormatError, atomic_write, load_safetensors
+from synthprune.files import FileFormatError, atomic_write, load_safetensors, safetensors_bytes
 from synthprune.layers import SparseLinear
 from synthprune.residual import ResidualMLP, layer_edges, live_masks
 
