@@ -25,6 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from scipy import stats
 
+from synthprune.experiments import mean_ci
 from synthprune.runs import chosen_epoch
 
 REFERENCES = {"random-full": "SET", "none-full": "static"}
@@ -60,15 +61,6 @@ def chosen(rows: list[dict]) -> float:
     return chosen_epoch(rows)["test_accuracy"]
 
 
-def interval(values: list[float]) -> str:
-    """``mean ± half-width`` of the 95% t-interval, in points; no interval from one value."""
-    mean = 100 * statistics.fmean(values)
-    if len(values) < 2:
-        return f"{mean:.2f} (1 seed, no CI)"
-    half = 100 * stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
-    return f"{mean:.2f} ± {half:.2f}"
-
-
 def table(runs: dict[str, dict[int, list[dict]]]) -> str:
     compressed = any(BUDGET.search(name) for name in runs)
     labels = list(BUDGET_REFERENCES.values()) if compressed else list(REFERENCES.values())
@@ -83,11 +75,11 @@ def table(runs: dict[str, dict[int, list[dict]]]) -> str:
             if name == reference or not common:
                 paired.append("—")
                 continue
-            paired.append(interval([scores[s] - chosen(runs[reference][s]) for s in common]))
+            paired.append(mean_ci([scores[s] - chosen(runs[reference][s]) for s in common]))
         paired += ["—"] * (len(labels) - len(paired))
         epochs = {int(rows[-1]["epoch"]) for rows in seeds.values()}
         lines.append(f"| {name} | {len(seeds)} | {'/'.join(map(str, sorted(epochs)))} | "
-                     f"{interval(list(scores.values()))} | " + " | ".join(paired) + " |")
+                     f"{mean_ci(list(scores.values()))} | " + " | ".join(paired) + " |")
     return "\n".join(lines)
 
 

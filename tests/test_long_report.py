@@ -121,6 +121,13 @@ def test_the_tuning_report_chooses_each_rule_on_validation(tmp_path, capsys):
     chosen = [line for line in rows if "**yes**" in line]
     assert len(chosen) == 1 and "| zeta0.1 |" in chosen[0]
     assert any("settings not run yet" in line for line in rows)
+    # the tuned setting on test, paired by seed with the rule's reference settings
+    write_run(tuning, "random-zeta0.1-s1", [(0.89, 0.90)])
+    write_run(base, "random-full-s1", [(0.88, 0.91)])
+    module.main(tuning, base)
+    tuned = [line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| SET (random) | random-zeta0.1")]
+    assert tuned == ["| SET (random) | random-zeta0.1 | 2 | 88.00 ± 12.71 | 0.00 ± 12.71 | — |"]
 
 
 def test_connectivity_counts_each_pixels_first_layer_connections(tmp_path):

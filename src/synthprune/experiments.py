@@ -393,6 +393,19 @@ def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     return f"{scale * statistics.mean(values):.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
 
 
+def mean_ci(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    """``mean ± half-width`` of the 95% Student-t interval of ``values`` (a paired difference
+    by seed, or one configuration's scores), times ``scale`` (points from fractions); one value
+    has no interval and says so."""
+    mean = scale * statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f} (1 seed, no CI)"
+    from scipy import stats  # on first use: scipy is slow to import
+
+    half = scale * stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
 def summarize_sweep(results: list[RunResult]) -> str:
     """A Markdown table: per configuration, mean ± std over its finished seeds."""
     lines = ["| configuration | seeds | final test acc % | best test acc % | connections | compression "
