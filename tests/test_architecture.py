@@ -9,9 +9,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "synthprune"
 
 # docs/DESIGN.md §3.1, from the bottom up: a module imports only modules before it.
-ORDER = ["topology", "files", "optim", "data", "compression", "schedules", "strategies", "csr_kernel", "layers", "conv",
-         "models", "threads", "compact", "residual", "rewiring", "checkpoint", "config", "rundir", "runs", "wiring",
-         "plots", "compare", "onnx_graph", "export", "bench", "distributed", "lightning", "train", "experiments", "cli"]
+ORDER = ["allocator", "topology", "files", "optim", "data", "compression", "schedules", "strategies", "csr_kernel",
+         "layers", "conv", "models", "threads", "compact", "residual", "rewiring", "checkpoint", "config", "rundir",
+         "runs", "wiring", "plots", "compare", "onnx_graph", "export", "bench", "distributed", "lightning", "train",
+         "experiments", "cli"]
 
 
 def imports(module: str) -> set[str]:

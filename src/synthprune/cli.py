@@ -695,9 +695,11 @@ def list_things(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code. Errors in what the user gave are one line, code 2."""
+    from synthprune.allocator import reuse_freed_memory
     from synthprune.distributed import SynchronizationError
     from synthprune.train import TrainingError
 
+    reuse_freed_memory()  # no page faults for the buffers each step frees and allocates again
     command = typer.main.get_command(app)
     try:
         # Non-standalone mode returns an exit code (from --help, typer.Exit) or the command's value.
