@@ -154,6 +154,24 @@ def test_a_killed_sweep_stops_its_workers_and_a_rerun_resumes(tmp_path):
     assert again.out == run.root and epochs < 400
 
 
+def test_a_sweep_started_in_the_background_still_interrupts_its_workers(tmp_path):
+    # A shell starts background jobs with SIGINT ignored, and a Python child inherits that: the
+    # sweep's SIGINT to its workers did nothing, so stopping the sweep waited 30 s and then
+    # SIGKILLed them mid-epoch. Workers now get SIGINT back and checkpoint at once.
+    out = tmp_path / "sweep"
+    sweep = start([sys.executable, "-m", "synthprune", "sweep", "--preset", "digits-mlp", "--grow", "random",
+                   "--epochs", "20000", "--jobs", "1", "--out", str(out)],
+                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    run = RunDir(out / "random-s0")
+    wait_for(lambda: run.checkpoint.exists())
+    worker = int(run.lock.holder())
+    sweep.send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    wait_for(lambda: not alive(worker), seconds=60)
+    assert time.monotonic() - stopped < 15  # the kill fallback comes after 30 s
+    assert sweep.wait(timeout=60) == 130
+
+
 def test_two_sweeps_into_one_folder_are_refused(tmp_path, capsys):
     out = tmp_path / "sweep"
     first = start([sys.executable, "-m", "synthprune", "sweep", "--preset", "digits-mlp", "--grow", "random",

@@ -277,6 +277,10 @@ def watch_parent() -> None:
     parent = os.environ.get(PARENT_ENV)
     if not parent:
         return
+    # SIGINT is how the sweep stops its workers (and how this watch stops this one). A sweep
+    # started as a shell's background job runs with SIGINT ignored, and its workers inherit
+    # that: they trained on until the sweep's kill fallback 30 s later.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def watch() -> None:
         while os.getppid() == int(parent):
