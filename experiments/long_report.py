@@ -30,9 +30,11 @@ from synthprune.runs import chosen_epoch
 
 REFERENCES = {"random-full": "SET", "none-full": "static"}
 # Compressed runs (long_compression.yaml) are compared at their own budget: against SET
-# compressed to it, and against static sparse trained at that budget from the start.
+# compressed to it, against static sparse trained at that budget from the start, and against
+# synthesis compressed to it.
 BUDGET = re.compile(r"-c(?P<budget>[0-9.]+)$|^static-final-(?P<final>[0-9.]+)$")
-BUDGET_REFERENCES = {"random-c{}": "SET at the budget", "static-final-{}": "static at the budget"}
+BUDGET_REFERENCES = {"random-c{}": "SET at the budget", "static-final-{}": "static at the budget",
+                     "synthesis-c{}": "synthesis at the budget"}
 
 
 def references(name: str) -> dict[str, str]:

@@ -47,10 +47,11 @@ def test_one_seed_has_no_interval(tmp_path):
         report().main(tmp_path / "empty", tmp_path / "x.png")
 
 
-def test_compressed_runs_pair_with_set_and_static_at_their_budget(tmp_path):
+def test_compressed_runs_pair_with_set_static_and_synthesis_at_their_budget(tmp_path):
     module = report()
     assert module.references("synthesis-c0.002") == {"random-c0.002": "SET at the budget",
-                                                     "static-final-0.002": "static at the budget"}
+                                                     "static-final-0.002": "static at the budget",
+                                                     "synthesis-c0.002": "synthesis at the budget"}
     assert module.references("static-final-0.01")["random-c0.01"] == "SET at the budget"
     assert module.references("synthesis-full") == module.REFERENCES
     for seed, (ours, theirs) in enumerate([(0.80, 0.78), (0.82, 0.79)]):
@@ -59,7 +60,7 @@ def test_compressed_runs_pair_with_set_and_static_at_their_budget(tmp_path):
     table = module.table(module.read(tmp_path))
     assert "paired vs static at the budget" in table
     row = next(line for line in table.splitlines() if line.startswith("| synthesis-c0.01 "))
-    assert row.endswith("| — | 2.50 ± 6.35 |")  # +2 and +3 points over two seeds, t-interval
+    assert row.endswith("| — | 2.50 ± 6.35 | — |")  # +2 and +3 points over two seeds, t-interval
 
 
 def similarity_power():
