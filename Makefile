@@ -10,7 +10,7 @@ DEMO   ?= runs/demo
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test lint setup data clean
+.PHONY: demo test lint setup data clean report
 
 demo: $(STAMP) data
 	rm -rf $(DEMO)
@@ -29,6 +29,10 @@ test: $(STAMP)
 	$(PY) -m ruff check src tests examples experiments benchmarks
 	env -u COLUMNS $(PY) -m pytest -q
 	COLUMNS=60 $(PY) -m pytest -q $(NARROW_TESTS)
+
+# docs/RESULTS.md §6-§8: every generated table and figure, from the records in experiments/results.
+report: $(STAMP)
+	$(PY) experiments/build_report.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests examples experiments benchmarks

@@ -130,7 +130,7 @@ def main(folder: Path, figure: Path) -> None:
         measured[name] = [pair_measures(structures[s], structures[t], initial)
                           for s, t in itertools.combinations(sorted(structures), 2)]
 
-    print("### Node level: live pixels and hidden neurons (same initial network, no matching)\n")
+    print("#### Node level: live pixels and hidden neurons (same initial network, no matching)\n")
     print("| configuration | pairs | level | live (of n) | Jaccard (mean ± sd) | chance, same counts |")
     print("|---|---|---|---|---|---|")
     for name, pairs in measured.items():
@@ -142,7 +142,7 @@ def main(folder: Path, figure: Path) -> None:
                   f"of {rows[0]['n']} | {mean_sd([r['jaccard'] for r in rows])} "
                   f"| {statistics.fmean(r['chance'] for r in rows):.3f} |")
 
-    print("\n### Edge level, per sparse layer\n")
+    print("\n#### Edge level, per sparse layer\n")
     print("| configuration | layer | edge Jaccard | final wiring still initial | ceiling from that | "
           "grown connections' Jaccard | chance |")
     print("|---|---|---|---|---|---|---|")

@@ -147,3 +147,24 @@ def test_connectivity_counts_each_pixels_first_layer_connections(tmp_path):
     assert grid.shape == (28, 28)
     expected = torch.bincount(model.fc1.edge_index()[1], minlength=784).reshape(28, 28).numpy()
     assert (grid == expected).all() and grid.sum() == model.fc1.nnz
+
+
+def build_report():
+    spec = importlib.util.spec_from_file_location("build_report", ROOT / "experiments" / "build_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_splice_replaces_only_between_its_markers():
+    module = build_report()
+    text = "prose\n<!-- generated: t -->\nold\n<!-- end: t -->\nmore prose\n"
+    expected = "prose\n<!-- generated: t -->\nnew\ntable\n<!-- end: t -->\nmore prose\n"
+    assert module.splice(text, "t", "new\ntable") == expected
+    with pytest.raises(ValueError, match="'u'"):
+        module.splice(text, "u", "x")
+
+
+def test_the_results_tables_are_what_the_committed_records_give():
+    # docs/RESULTS.md's generated tables against experiments/results, figures to a scratch folder
+    assert build_report().main(check=True) == 0
