@@ -270,8 +270,7 @@ class DenseLinear(nn.Linear):
             x_t = x.t()  # [n_in, B], contiguous
             fast = self._narrow_kernel(x)
             if fast is not None:
-                if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
-                                                     or (self.bias is not None and self.bias.requires_grad))):
+                if not _wants_grad(x, self.weight, self.bias):
                     return fast.narrow_linear(self.weight, x_t, self.bias)
                 return _NarrowLinearFunction.apply(x_t, self.weight, self.bias, fast)
             if self.bias is None:
@@ -304,17 +303,15 @@ class _NarrowLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_t, weight, bias, fast):
         ctx.save_for_backward(x_t, weight)
-        ctx.fast, ctx.has_bias = fast, bias is not None
+        ctx.fast = fast
         return fast.narrow_linear(weight, x_t, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x_t, weight = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        grad_x, grad_w, grad_b = ctx.fast.narrow_linear_backward(
-            weight, grad.contiguous(), x_t, bool(needs[0]), bool(needs[1]), bool(needs[2] and ctx.has_bias))
-        return (grad_x if needs[0] else None, grad_w if needs[1] else None,
-                grad_b if needs[2] and ctx.has_bias else None, None)
+        needs = [bool(n) for n in ctx.needs_input_grad[:3]]  # a missing bias never needs one
+        grads = ctx.fast.narrow_linear_backward(weight, grad.contiguous(), x_t, *needs)
+        return (*(g if n else None for g, n in zip(grads, needs, strict=True)), None)
 
 
 class _CSRLinearFunction(torch.autograd.Function):
@@ -557,9 +554,7 @@ class CSRLinear(SparseLinear):
                 f"torch.export cannot trace a csr layer on the torch.sparse path (csr path: "
                 f"{csr_kernel.describe()}). Use the fast csr kernel, or export a dense copy: "
                 "residual_network(model, form='dense'), or synthprune.export_onnx(model, path)")
-        wants_grad = torch.is_grad_enabled() and (
-            flat.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
-        if not wants_grad:  # inference: the same product without autograd's bookkeeping (~30 µs a call)
+        if not _wants_grad(flat, values, bias):  # inference: the product without autograd
             fast = csr_kernel.usable(flat, values)
             return _csr_forward(fast, _batch_minor(fast, flat), values, bias, self._crow, self._col,
                                 self.out_features, self.in_features)
@@ -581,9 +576,7 @@ class CSRLinear(SparseLinear):
         if fast is None:
             return None
         seed = _dropout_seed() if p > 0 else 0
-        wants_grad = torch.is_grad_enabled() and (
-            x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
-        if not wants_grad:
+        if not _wants_grad(x, values, bias):
             return fast.csr_spmm_relu(self._crow, self._col, values, _batch_minor(fast, x), bias, p, seed).t()
         return _CSRReLUFunction.apply(x, values, bias, self._crow, self._col, self._t_crow, self._t_col,
                                       self._t_perm, fast, p, seed)
@@ -701,6 +694,13 @@ class Dropout(nn.Dropout):
             if fast is not None:
                 return _DropoutFunction.apply(x, self.p, _dropout_seed(), fast)
         return super().forward(x)
+
+
+def _wants_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd must record an op on ``tensors`` (``None``: an absent bias): grad mode
+    is on and one of them requires a gradient. Otherwise the layers call their kernels directly,
+    without autograd's bookkeeping (~30 µs a call)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _dropout_seed() -> int:
